@@ -1,0 +1,1 @@
+"""Lightning callbacks of distill: pruning, QAT, export-and-measure, target stopping."""

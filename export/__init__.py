@@ -1,0 +1,1 @@
+"""ONNX export, INT8, TensorRT and latency measurement. Imports no Lightning."""

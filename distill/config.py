@@ -97,7 +97,6 @@ class DistillConfig:
     feature: FeatureTerm = field(default_factory=FeatureTerm)
     attention: FeatureTerm = field(default_factory=FeatureTerm)
     dkd: DKDTerm = field(default_factory=DKDTerm)
-    cache_teacher: bool = False  # offline KD: run the teacher once per sample
 
 
 @dataclass
@@ -298,7 +297,9 @@ def load_recipe(recipe: str | Path | None = None, overrides: list[str] | None = 
     except (ConfigKeyError, ConfigAttributeError) as exc:
         raise UserError(f"recipe {path}: unknown key '{_key_of(exc)}'") from None
     except (ValidationError, ConfigTypeError) as exc:
-        raise UserError(f"recipe {path}: bad value for '{_key_of(exc)}': {_one_line(exc)}") from None
+        raise UserError(
+            f"recipe {path}: bad value for '{_key_of(exc)}': {_one_line(exc)}"
+        ) from None
     try:
         dot = OmegaConf.from_dotlist(overrides)
     except (GrammarParseError, OmegaConfBaseException) as exc:

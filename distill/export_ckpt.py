@@ -1,0 +1,56 @@
+"""``distill export CKPT``: rebuild the student of a checkpoint (pruned or not) and export it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from distill.errors import UserError
+
+
+def export_checkpoint(ckpt: Path, out: Path | None = None) -> Path:
+    """Export the student stored in a ``distill train`` checkpoint to a one-file ONNX.
+
+    The recipe saved in the checkpoint goes through the same schema validation and the same
+    instantiation checks as a recipe file: a downloaded checkpoint is not trusted.
+    """
+    from distill.arch import reshape_to_state_dict
+    from distill.config import RecipeConfig, validate
+    from distill.export.onnx import export_onnx
+    from distill.instantiate import build_datamodule, build_model_from_cfg
+
+    if not ckpt.is_file():
+        raise UserError(f"checkpoint not found: '{ckpt}'")
+    try:
+        obj = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"checkpoint '{ckpt}' cannot be read (corrupted or not a torch file): "
+                        f"{first}") from None
+    hp = obj.get("hyper_parameters", {}) if isinstance(obj, dict) else {}
+    recipe = hp.get("recipe")
+    if not isinstance(recipe, dict) or "state_dict" not in obj:
+        raise UserError(f"checkpoint '{ckpt}' was not written by `distill train` (no recipe)")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(RecipeConfig), recipe)
+    except Exception as exc:
+        raise UserError(f"checkpoint '{ckpt}': its recipe is invalid: {exc}") from None
+    validate(cfg)
+    r = OmegaConf.to_container(cfg, resolve=True)
+    dm = build_datamodule(r["data"], r["seed"])
+    student = build_model_from_cfg(r["student"], int(dm.input_shape[0]), int(dm.num_classes),
+                                   "student")
+    state = {k[len("student."):]: v for k, v in obj["state_dict"].items()
+             if k.startswith("student.")}
+    reshape_to_state_dict(student, state)
+    try:
+        student.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise UserError(f"checkpoint '{ckpt}' does not match its student: "
+                        f"{str(exc).splitlines()[0]}") from None
+    example = torch.zeros(1, *[int(d) for d in dm.input_shape])
+    out = out or ckpt.with_suffix(".onnx")
+    export_onnx(student, out, example)
+    return out

@@ -1,0 +1,318 @@
+"""The run's report: ``report.json`` (stable keys, documented in the README), ``report.md``,
+``pareto.png`` and ``MODEL_CARD.md``; the same numbers go to W&B.
+
+Accuracy and latency are those of the exported ONNX model run in ONNX Runtime: what ships is
+what is scored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import distill
+from distill.io import atomic_path, atomic_write_json, atomic_write_text
+from distill.models import count_params
+
+REPORT_VERSION = 1
+
+
+def count_macs(model: nn.Module, example: torch.Tensor) -> int | None:
+    """Multiply-accumulates of one forward pass (Torch-Pruning's counter), or None."""
+    try:
+        import torch_pruning as tp
+
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            macs, _ = tp.utils.count_ops_and_params(model, example.to(_device_of(model)))
+        model.train(was)
+        return int(macs)
+    except Exception:  # exported graphs (QAT) have no module tree to count on
+        return None
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _latency_summary(onnx_path: Path, recipe: dict[str, Any]) -> dict[str, Any]:
+    from distill.export.latency import measure_latency
+
+    e = recipe["export"]
+    res = measure_latency(onnx_path, batch_sizes=[1], provider=e["provider"], threads=e["threads"],
+                          warmup=e["warmup"], iters=e["iters"], subprocess=e["subprocess"])
+    one = _batch_result(res, 1)
+    return {
+        "latency_ms": {k: round(float(one[f"{k}_ms"]), 4) for k in ("p50", "p95", "p99", "mean")},
+        "throughput_qps": round(float(one["throughput"]), 1),
+    }
+
+
+def _batch_result(res: Any, batch: int) -> dict[str, Any]:
+    if isinstance(res, dict) and "results" in res:
+        res = res["results"]
+    if isinstance(res, dict) and batch in res:
+        return res[batch]
+    if isinstance(res, dict) and str(batch) in res:
+        return res[str(batch)]
+    if isinstance(res, list):
+        return next(r for r in res if r.get("batch_size", r.get("batch")) == batch)
+    return res
+
+
+def measure_teacher(teacher: nn.Module, info: dict[str, Any], dm: Any, example: torch.Tensor,
+                    run_dir: Path, recipe: dict[str, Any]) -> dict[str, Any]:
+    """Export the teacher once, score it in ONNX Runtime and time it like the student."""
+    from distill.export.onnx import evaluate_onnx, export_onnx
+
+    path = run_dir / "teacher.onnx"
+    if info.get("source") == "onnx":
+        from distill.io import atomic_copy
+
+        atomic_copy(info["path"], path)
+        params, macs = None, None
+    else:
+        export_onnx(teacher, path, example)
+        params, macs = count_params(teacher), count_macs(teacher, example)
+    stats: dict[str, Any] = {
+        "accuracy": round(float(evaluate_onnx(path, dm.val_dataloader(),
+                                              threads=recipe["export"]["threads"])), 4),
+        "params": params,
+        "macs": macs,
+        "size_mb": round(path.stat().st_size / 2**20, 4),
+        "format": "onnx-fp32",
+        "source": info.get("source"),
+        "onnx": str(path),
+    }
+    if recipe["export"]["enabled"]:
+        stats.update(_latency_summary(path, recipe))
+    return stats
+
+
+def final_student_stats(onnx_path: Path, module: Any, dm: Any, recipe: dict[str, Any],
+                        row: dict[str, Any] | None) -> dict[str, Any]:
+    """Numbers of the delivered ``student.onnx`` (re-scored on val and test in ORT)."""
+    from distill.export.onnx import evaluate_onnx
+
+    threads = recipe["export"]["threads"]
+    quantized = bool(row.get("quantized")) if row else False
+    stats: dict[str, Any] = {
+        "accuracy": round(float(evaluate_onnx(onnx_path, dm.val_dataloader(), threads=threads)), 4),
+        "test_accuracy": round(float(evaluate_onnx(onnx_path, dm.test_dataloader(),
+                                                   threads=threads)), 4),
+        "params": (row or {}).get("params") or count_params(module.student),
+        "macs": (row or {}).get("macs") or count_macs(module.student, module.example_input),
+        "size_mb": round(onnx_path.stat().st_size / 2**20, 4),
+        "format": "onnx-int8-qdq" if quantized else "onnx-fp32",
+        "epoch": (row or {}).get("epoch"),
+        "sparsity": (row or {}).get("sparsity"),
+    }
+    if recipe["export"]["enabled"]:
+        stats.update(_latency_summary(onnx_path, recipe))
+    return stats
+
+
+def environment(recipe: dict[str, Any]) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    return {
+        "distill": distill.__version__,
+        "git_commit": _git_commit(),
+        "onnxruntime": ort.__version__,
+        "torch": torch.__version__,
+        "threads": recipe["export"]["threads"],
+        "provider": recipe["export"]["provider"],
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5, cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def build_report(recipe: dict[str, Any], teacher: dict[str, Any], student: dict[str, Any],
+                 rows: list[dict[str, Any]], delivered: dict[str, Any] | None, reason: str,
+                 stopper: Any, trainer: Any, fit_seconds: float,
+                 input_spec: dict[str, Any]) -> dict[str, Any]:
+    t = recipe["targets"]
+    met_at = getattr(stopper, "met_at_epoch", None)
+    s99 = student.get("latency_ms", {}).get("p99")
+    t99 = teacher.get("latency_ms", {}).get("p99")
+    report = {
+        "version": REPORT_VERSION,
+        "name": recipe["name"],
+        "recipe_sha256": hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str)
+                                        .encode()).hexdigest()[:16],
+        "teacher": {k: v for k, v in teacher.items() if k != "onnx"},
+        "student": student,
+        "epochs": [_epoch_row(r) for r in rows],
+        "targets": {
+            "accuracy": t["accuracy"], "max_accuracy_drop": t["max_accuracy_drop"],
+            "p99_ms": t["p99_ms"], "size_mb": t["size_mb"],
+            "met": met_at is not None, "met_at_epoch": met_at,
+        },
+        "delivered": {"epoch": (delivered or {}).get("epoch"), "reason": reason,
+                      "onnx": "student.onnx"},
+        "speedup_p99": round(t99 / s99, 3) if s99 and t99 else None,
+        "accuracy_drop": round(100 * (teacher["accuracy"] - student["accuracy"]), 2),
+        "epochs_trained": int(trainer.current_epoch),
+        "stopped_early": bool(met_at is not None and trainer.current_epoch
+                              < recipe["trainer"]["max_epochs"]),
+        "fit_seconds": round(fit_seconds, 1),
+        "input": input_spec,
+        "environment": environment(recipe),
+    }
+    return report
+
+
+_ROW_KEYS = ("epoch", "val_accuracy", "val_accuracy_onnx", "p50_ms", "p95_ms", "p99_ms",
+             "size_mb", "params", "macs", "sparsity", "quantized", "parity_max_abs",
+             "parity_ok", "onnx", "error")
+
+
+def _epoch_row(row: dict[str, Any]) -> dict[str, Any]:
+    out = {k: row.get(k) for k in _ROW_KEYS}
+    if out["onnx"]:
+        out["onnx"] = str(Path(out["onnx"]).relative_to(Path(out["onnx"]).parent.parent))
+    return out
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    t, s, tg = report["teacher"], report["student"], report["targets"]
+
+    def lat(d: dict[str, Any], k: str) -> str:
+        v = d.get("latency_ms", {}).get(k)
+        return f"{v:.3f}" if v is not None else "—"
+
+    def num(v: Any, fmt: str = "{:,}") -> str:
+        return fmt.format(v) if v is not None else "—"
+
+    lines = [
+        f"# distill report: {report['name']}",
+        "",
+        "Accuracy and latency are measured on the exported ONNX models in ONNX Runtime "
+        f"({report['environment']['provider']}, {report['environment']['threads']} thread(s), "
+        f"batch 1) on {report['environment']['cpu']}.",
+        "",
+        "| | accuracy (val) | p50 ms | p95 ms | p99 ms | params | MACs | size MB | format |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| teacher | {t['accuracy']:.4f} | {lat(t, 'p50')} | {lat(t, 'p95')} | {lat(t, 'p99')} | "
+        f"{num(t.get('params'))} | {num(t.get('macs'))} | {t['size_mb']:.3f} | {t['format']} |",
+        f"| student | {s['accuracy']:.4f} | {lat(s, 'p50')} | {lat(s, 'p95')} | {lat(s, 'p99')} | "
+        f"{num(s.get('params'))} | {num(s.get('macs'))} | {s['size_mb']:.3f} | {s['format']} |",
+        "",
+        f"- Speed-up (teacher p99 / student p99): **{num(report['speedup_p99'], '{:.2f}')}×**; "
+        f"accuracy drop: **{report['accuracy_drop']:.2f} points**; student test accuracy "
+        f"{s.get('test_accuracy', 0):.4f}.",
+        f"- Targets: accuracy {num(tg['accuracy'])}, max drop {num(tg['max_accuracy_drop'])}, "
+        f"p99 {num(tg['p99_ms'])} ms, size {num(tg['size_mb'])} MB → "
+        + (f"**met at epoch {tg['met_at_epoch']}**" if tg["met"] else "**not met**") + ".",
+        f"- Delivered: `student.onnx` from epoch {report['delivered']['epoch']} "
+        f"({report['delivered']['reason']}).",
+        f"- Trained {report['epochs_trained']} epoch(s) in {report['fit_seconds']} s.",
+        "",
+        "## Epochs",
+        "",
+        "| epoch | val acc (torch) | val acc (ONNX) | p50 ms | p99 ms | size MB | sparsity | "
+        "int8 | parity max abs | error |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["epochs"]:
+        def f(v: Any, spec: str = "{:.4f}") -> str:
+            return spec.format(v) if isinstance(v, (int, float)) and v is not None else "—"
+        lines.append(
+            f"| {r['epoch']} | {f(r['val_accuracy'])} | {f(r['val_accuracy_onnx'])} | "
+            f"{f(r['p50_ms'], '{:.3f}')} | {f(r['p99_ms'], '{:.3f}')} | {f(r['size_mb'], '{:.3f}')} "
+            f"| {f(r['sparsity'], '{:.2f}')} | {'yes' if r['quantized'] else 'no'} | "
+            f"{f(r['parity_max_abs'], '{:.2e}')} | {r['error'] or ''} |"
+        )
+    lines += ["", "![accuracy vs p99](pareto.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_pareto(report: dict[str, Any], path: Path) -> Path | None:
+    """Accuracy vs p99 for every measured epoch, the teacher and the targets marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["epochs"] if r.get("p99_ms") is not None]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    if rows:
+        ax.plot([r["p99_ms"] for r in rows],
+                [r["val_accuracy_onnx"] or r["val_accuracy"] or 0 for r in rows],
+                "o-", color="tab:blue", label="student (per epoch)")
+        for r in rows:
+            ax.annotate(str(r["epoch"]), (r["p99_ms"], r["val_accuracy_onnx"] or 0), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    t = report["teacher"]
+    if t.get("latency_ms"):
+        ax.plot([t["latency_ms"]["p99"]], [t["accuracy"]], "s", color="tab:red", label="teacher")
+    tg = report["targets"]
+    if tg.get("p99_ms"):
+        ax.axvline(tg["p99_ms"], ls="--", color="gray", label="p99 target")
+    if tg.get("accuracy"):
+        ax.axhline(tg["accuracy"], ls=":", color="gray", label="accuracy target")
+    ax.set_xlabel("p99 latency, ms (ONNX Runtime, batch 1)")
+    ax.set_ylabel("validation accuracy (exported model)")
+    ax.set_title(f"{report['name']}: accuracy vs p99")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def write_report(run_dir: Path, report: dict[str, Any], trainer: Any = None) -> None:
+    atomic_write_json(run_dir / "report.json", report)
+    plot_pareto(report, run_dir / "pareto.png")
+    atomic_write_text(run_dir / "report.md", render_markdown(report))
+    if trainer is not None:
+        _log_to_wandb(trainer, report, run_dir)
+
+
+def _log_to_wandb(trainer: Any, report: dict[str, Any], run_dir: Path) -> None:
+    for logger in trainer.loggers:
+        if type(logger).__name__ != "WandbLogger":
+            continue
+        cols = ["epoch", "val_accuracy", "val_accuracy_onnx", "p50_ms", "p99_ms", "sparsity",
+                "quantized", "size_mb"]
+        logger.log_table(key="epochs", columns=cols,
+                         data=[[r.get(c) for c in cols] for r in report["epochs"]])
+        logger.log_image(key="pareto", images=[str(run_dir / "pareto.png")])
+        summary = logger.experiment.summary
+        summary["teacher/accuracy"] = report["teacher"]["accuracy"]
+        summary["student/accuracy"] = report["student"]["accuracy"]
+        summary["student/p99_ms"] = report["student"].get("latency_ms", {}).get("p99")
+        summary["targets/met"] = report["targets"]["met"]
+        summary["speedup_p99"] = report["speedup_p99"]
+        summary["accuracy_drop"] = report["accuracy_drop"]

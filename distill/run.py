@@ -1,0 +1,230 @@
+"""The run builder: a validated recipe → data, teacher, student, callbacks, loggers → fit →
+the delivered student and its report.
+
+Everything that can fail on the user's input (recipe, files, classes, layer names, output
+directory) is checked *before* the run directory is created, so a mistake never leaves a
+half-written run behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from distill.errors import UserError
+from distill.io import atomic_copy, atomic_write_text
+
+log = logging.getLogger("distill")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def plan_run_dir(recipe: dict[str, Any]) -> Path:
+    """Where this run writes (not created yet); a ``UserError`` if it cannot be written."""
+    if recipe.get("output_dir"):
+        run_dir = Path(recipe["output_dir"]).expanduser()
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path("runs") / recipe["name"] / stamp
+        n = 1
+        while run_dir.exists():
+            n += 1
+            run_dir = Path("runs") / recipe["name"] / f"{stamp}-{n}"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"output_dir '{run_dir}' exists and is a file")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        raise UserError(f"output_dir '{run_dir}' is not empty (use --resume to continue a run)")
+    parent = run_dir
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"output_dir '{run_dir}': '{parent}' is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"output_dir '{run_dir}' is not writable ('{parent}' denies it)")
+    return run_dir
+
+
+def _trainer_kwargs(recipe: dict[str, Any]) -> dict[str, Any]:
+    t = dict(recipe["trainer"])
+    return {k: v for k, v in t.items() if v is not None}
+
+
+def build_callbacks(recipe: dict[str, Any], run_dir: Path, teacher_accuracy: float | None
+                    ) -> list[Any]:
+    """Callbacks in the order the design asks for: prune → QAT → export/measure → target stop."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    callbacks: list[Any] = [
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
+                        save_on_train_epoch_end=False, enable_version_counter=False),
+    ]
+    prune = recipe["prune"]
+    if prune["method"] != "none":
+        callbacks.append(_pruning_callback(prune))
+    if recipe["qat"]["mode"] != "none":
+        from distill.callbacks.qat import QuantizationAwareTraining
+
+        callbacks.append(QuantizationAwareTraining.from_config(recipe["qat"]))
+    e = recipe["export"]
+    if e["enabled"]:
+        from distill.callbacks.export_and_measure import ExportAndMeasure
+        from distill.callbacks.target_stop import TargetStop
+
+        measure = ExportAndMeasure(
+            out_dir=run_dir, every_n_epochs=e["every_n_epochs"], batch_sizes=e["batch_sizes"],
+            threads=e["threads"], provider=e["provider"], warmup=e["warmup"], iters=e["iters"],
+            subprocess=e["subprocess"], parity_atol=e["parity_atol"],
+        )
+        t = recipe["targets"]
+        callbacks += [
+            measure,
+            TargetStop(
+                accuracy=t["accuracy"], max_accuracy_drop=t["max_accuracy_drop"],
+                teacher_accuracy=teacher_accuracy, p99_ms=t["p99_ms"], size_mb=t["size_mb"],
+                confirm_margin=t["confirm_margin"],
+            ),
+        ]
+    return callbacks
+
+
+def _pruning_callback(prune: dict[str, Any]) -> Any:
+    if prune["method"] == "structured":
+        from distill.callbacks.structured_pruning import StructuredPruning
+
+        return StructuredPruning.from_config(prune)
+    from distill.callbacks.unstructured_pruning import UnstructuredPruning
+
+    return UnstructuredPruning.from_config(prune)
+
+
+def _loggers(recipe: dict[str, Any], run_dir: Path) -> list[Any]:
+    from pytorch_lightning.loggers import CSVLogger, WandbLogger
+
+    lg = recipe["logger"]
+    loggers: list[Any] = []
+    if lg["csv"]:
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="", version=""))
+    if lg["wandb"] and lg["mode"] != "disabled":
+        os.environ.setdefault("WANDB_SILENT", "true")
+        os.environ.setdefault("WANDB_DATA_DIR", str(run_dir / "wandb-data"))
+        loggers.append(WandbLogger(
+            project=lg["project"], name=f"{recipe['name']}-{run_dir.name}",
+            save_dir=str(run_dir), offline=lg["mode"] == "offline", config=recipe,
+        ))
+    return loggers
+
+
+def train(cfg: DictConfig, resume: str | Path | None = None) -> RunResult:
+    """Run a validated recipe end to end; returns the run directory and the report."""
+    import pytorch_lightning as pl
+
+    from distill.instantiate import build_datamodule, build_model_from_cfg
+    from distill.module import DistillationModule
+    from distill.teacher import load_or_train_teacher
+
+    recipe = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(recipe, dict)
+    ckpt_path = None
+    if resume is not None:
+        run_dir = Path(resume)
+        ckpt = run_dir / "checkpoints" / "last.ckpt"
+        if not ckpt.is_file():
+            raise UserError(f"--resume: no checkpoint to resume at '{ckpt}'")
+        ckpt_path = str(ckpt)
+    else:
+        run_dir = plan_run_dir(recipe)
+    pl.seed_everything(recipe["seed"], workers=True, verbose=False)
+
+    dm = build_datamodule(recipe["data"], recipe["seed"])
+    if hasattr(dm, "prepare"):
+        dm.prepare()
+    else:
+        dm.setup("fit")
+    in_ch, ncls = int(dm.input_shape[0]), int(dm.num_classes)
+    student = build_model_from_cfg(recipe["student"], in_ch, ncls, "student")
+    example = next(iter(dm.val_dataloader()))[0][:1].float()
+    try:
+        student.eval()(example)
+    except Exception as exc:
+        raise UserError(f"student does not accept the data's input {tuple(example.shape)}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    student.train()
+    teacher, teacher_info = load_or_train_teacher(recipe, dm, in_ch, ncls)
+    try:
+        module = DistillationModule(student, teacher, ncls, example, distill=recipe["distill"],
+                                    optim=recipe["optim"], recipe=recipe)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+    # Everything the user gave has been checked: from here on the run directory exists.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume is None:
+        atomic_write_text(run_dir / "recipe.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    from distill.report import measure_teacher
+
+    teacher_stats = measure_teacher(teacher, teacher_info, dm, example, run_dir, recipe)
+    callbacks = build_callbacks(recipe, run_dir, teacher_stats.get("accuracy"))
+    loggers = _loggers(recipe, run_dir)
+    trainer = pl.Trainer(
+        **_trainer_kwargs(recipe), callbacks=callbacks, logger=loggers or False,
+        default_root_dir=str(run_dir), num_sanity_val_steps=0, enable_model_summary=False,
+    )
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    fit_seconds = time.perf_counter() - started
+    report: dict[str, Any] = {}
+    if trainer.is_global_zero:
+        report = deliver(trainer, module, recipe, run_dir, dm, teacher_stats, fit_seconds)
+    for logger in loggers:
+        if hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
+            logger.experiment.finish()
+    return RunResult(run_dir=run_dir, report=report)
+
+
+def deliver(trainer: Any, module: Any, recipe: dict[str, Any], run_dir: Path, dm: Any,
+            teacher_stats: dict[str, Any], fit_seconds: float) -> dict[str, Any]:
+    """Copy the chosen epoch's ONNX to ``student.onnx`` and write the report."""
+    from distill.report import build_report, final_student_stats, write_report
+
+    measure = next((c for c in trainer.callbacks if type(c).__name__ == "ExportAndMeasure"), None)
+    stopper = next((c for c in trainer.callbacks if type(c).__name__ == "TargetStop"), None)
+    rows = list(measure.rows) if measure is not None else []
+    delivered, reason = (None, "export disabled: the final student is delivered")
+    if stopper is not None:
+        delivered, reason = stopper.choose_delivery(rows)
+    student_onnx = run_dir / "student.onnx"
+    if delivered is not None and delivered.get("onnx") and Path(delivered["onnx"]).is_file():
+        atomic_copy(delivered["onnx"], student_onnx)
+    else:
+        from distill.export.onnx import export_onnx
+
+        export_onnx(module.student, student_onnx, module.example_input)
+        if delivered is None and rows:
+            reason = "no epoch exported successfully: the final student is delivered"
+    student_stats = final_student_stats(student_onnx, module, dm, recipe, delivered)
+    report = build_report(recipe, teacher_stats, student_stats, rows, delivered, reason,
+                          stopper, trainer, fit_seconds, input_spec(dm))
+    write_report(run_dir, report, trainer)
+    return report
+
+
+def input_spec(dm: Any) -> dict[str, Any]:
+    """What a server must feed the model: name, shape, dtype, preprocessing, labels."""
+    return {
+        "name": "input",
+        "shape": ["batch", *[int(d) for d in dm.input_shape]],
+        "dtype": "float32",
+        "preprocessing": dict(getattr(dm, "preprocessing", {}) or {}),
+        "labels": list(getattr(dm, "class_names", []) or range(int(dm.num_classes))),
+    }

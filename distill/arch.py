@@ -1,12 +1,18 @@
-"""Make a freshly built network match the layer widths stored in a (pruned) checkpoint.
+"""Architecture surgery on plain ``nn.Module``s: remove channels, follow a pruned checkpoint.
 
-Structured pruning physically removes channels, so a pruned checkpoint no longer fits the
-architecture its recipe builds: ``load_state_dict`` fails on every shrunk tensor.
-``reshape_to_state_dict`` walks the module's ``Conv*d``, ``Linear`` and ``BatchNorm*d`` layers,
-and where the checkpoint holds a different shape it replaces the parameters and buffers by empty
-tensors of the stored shape and fixes the layer's width attributes (``in_channels``,
-``out_channels``, ``groups``, ``num_features``, ``in_features``, ``out_features``). The values
-come from the ``load_state_dict`` call that follows.
+Channel pruning (Torch-Pruning's dependency graph, Fang et al. 2023, arXiv:2301.12900) is
+split into a *decision* and its *effect*, so that DDP rank 0 can decide and broadcast:
+``score_channels`` (importance per prunable group) → ``select_channels`` (a plan of plain
+values: which output channels of which root layer go) → ``apply_plan`` (removes them with every
+coupled layer, in place, and reports which elements of each parameter survived, so optimizer
+state can follow).
+
+``reshape_to_state_dict``: a pruned checkpoint no longer fits the architecture its recipe
+builds (``load_state_dict`` fails on every shrunk tensor). It walks the module's ``Conv*d``,
+``Linear`` and ``BatchNorm*d`` layers, and where the checkpoint holds a different shape it
+replaces the parameters and buffers by zero tensors of the stored shape and fixes the width
+attributes (``in_channels``, ``out_channels``, ``groups``, ``num_features``, ``in_features``,
+``out_features``). The values come from the ``load_state_dict`` call that follows.
 
 Example:
     >>> model = build_model("resnet_student", 1, 10)
@@ -16,9 +22,15 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import copy
+import difflib
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
+import torch_pruning as tp
 from torch import nn
 
 from distill.errors import UserError
@@ -142,3 +154,213 @@ def reshape_to_state_dict(
         changed.append(name)
     _check_other_layers(module, state_dict, prefix)
     return changed
+
+
+# ----- channel pruning with Torch-Pruning ---------------------------------------------------
+# A plan is a list of ``(root layer name, output-channel indices to remove)``: plain values, so
+# rank 0 can decide and broadcast it, and the same plan can be applied to a model or a copy.
+Plan = list[tuple[str, list[int]]]
+
+#: Channel importance criteria (Torch-Pruning 1.6): group L1/L2 magnitude, BN scale (Network
+#: Slimming, Liu et al. 2017), first-order Taylor (Molchanov et al. 2019; needs gradients).
+IMPORTANCES: dict[str, Callable[[], Any]] = {
+    "l1": lambda: tp.importance.MagnitudeImportance(p=1),
+    "l2": lambda: tp.importance.MagnitudeImportance(p=2),
+    "bn_scale": lambda: tp.importance.BNScaleImportance(),
+    "taylor": lambda: tp.importance.TaylorImportance(),
+}
+_ROOT_TYPES = [nn.modules.conv._ConvNd, nn.Linear]
+
+
+def output_layer_name(model: nn.Module) -> str | None:
+    """The classifier that must keep its outputs: ``fc`` if present, else the last Linear."""
+    if isinstance(getattr(model, "fc", None), nn.Module):
+        return "fc"
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
+def resolve_layer_names(model: nn.Module, names: Iterable[str], what: str) -> list[str]:
+    """Check that every name is a sub-module of ``model``; ``UserError`` lists close names."""
+    known = [n for n, _ in model.named_modules() if n]
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f"; close: {', '.join(close)}" if close else ""
+            raise UserError(f"{what}: no layer named '{name}' in the student{hint}")
+    return list(names)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode (tracing must not move batch-norm statistics), then each module's own mode."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def trace(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+    """Torch-Pruning's dependency graph of ``model`` (one forward pass in eval mode)."""
+    with torch.enable_grad(), _eval_mode(model):
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+
+
+def _grouped(group: Any) -> bool:
+    """Groups with grouped (not depthwise) convolutions are left alone (channel blocks)."""
+    for dep, _ in group:
+        m = dep.target.module
+        if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1:
+            if not m.groups == m.in_channels == m.out_channels:
+                return True
+    return False
+
+
+def _taylor_gradients(model: nn.Module, batch: Any) -> None:
+    if batch is None:
+        raise UserError("taylor importance needs a training batch (no datamodule to draw from)")
+    x, y = batch[0], batch[1]
+    device = next(model.parameters()).device
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
+
+
+def score_channels(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    importance: str,
+    ignore: Iterable[str] = (),
+    batch: Any = None,
+) -> dict[str, torch.Tensor]:
+    """Per-channel importance of every prunable group, keyed by the group's root layer name.
+
+    Args:
+        model: Scored as is; with ``taylor`` its gradients are overwritten (pass a copy).
+        example_input: Input for tracing, shape ``(1, C, H, W)``.
+        importance: A key of ``IMPORTANCES``.
+        ignore: Layers (and their sub-modules) whose output channels are kept.
+        batch: ``(x, y)`` for ``taylor``: the gradients of the cross-entropy on it.
+    """
+    graph = trace(model, example_input)
+    if importance == "taylor":
+        _taylor_gradients(model, batch)
+    scorer = IMPORTANCES[importance]()
+    ignored = [m for name in ignore for m in model.get_submodule(name).modules()]
+    names = {m: n for n, m in model.named_modules()}
+    scores = {}
+    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=_ROOT_TYPES):
+        if _grouped(group):
+            continue
+        imp = scorer(group)
+        if imp is not None:
+            scores[names[group[0].dep.target.module]] = imp.detach().float().cpu()
+    return scores
+
+
+def kept_channels(original: int, sparsity: float, round_to: int | None = None) -> int:
+    """Channels a layer of ``original`` width keeps at ``sparsity``: ``floor(n (1 - s))``,
+    rounded down to a multiple of ``round_to``, at least one (or ``round_to``)."""
+    keep = math.floor(original * (1.0 - sparsity) + 1e-6)
+    if round_to:
+        keep -= keep % round_to
+    return max(keep, round_to or 1)
+
+
+def select_channels(
+    scores: Mapping[str, torch.Tensor],
+    original: Mapping[str, int],
+    sparsity: float,
+    global_pruning: bool = False,
+    round_to: int | None = None,
+) -> Plan:
+    """Decide which channels go so that the network reaches ``sparsity`` of its original widths.
+
+    Per layer (default): each group keeps ``kept_channels(original, sparsity)`` channels, its
+    least important ones removed. Global: one threshold over all normalised scores, so the total
+    reaches the target and redundant layers lose more (Torch-Pruning's ``global_pruning``); every
+    layer keeps at least one channel (or ``round_to``).
+    """
+    plan: Plan = []
+    if global_pruning:
+        total_orig = sum(original.get(n, len(s)) for n, s in scores.items())
+        n_prune = sum(len(s) for s in scores.values()) - kept_channels(total_orig, sparsity)
+        if n_prune <= 0:
+            return plan
+        threshold = torch.cat(list(scores.values())).kthvalue(n_prune).values
+    for name, imp in scores.items():
+        current = len(imp)
+        if global_pruning:
+            keep = current - int((imp <= threshold).sum())
+            if keep < current and round_to:
+                keep -= keep % round_to
+            keep = max(keep, round_to or 1)
+        else:
+            keep = kept_channels(original.get(name, current), sparsity, round_to)
+        if keep < current:
+            plan.append((name, sorted(torch.argsort(imp)[: current - keep].tolist())))
+    return plan
+
+
+def _shadow(module: nn.Module) -> nn.Module:
+    """A shallow copy whose parameters hold their own flat indices (float64: exact)."""
+    shadow = copy.copy(module)
+    shadow._parameters = {
+        name: None if p is None else nn.Parameter(
+            torch.arange(p.numel(), dtype=torch.float64).view(p.shape), requires_grad=False
+        )
+        for name, p in module._parameters.items()
+    }
+    shadow._buffers = dict(module._buffers)
+    shadow._modules = dict(module._modules)
+    return shadow
+
+
+def apply_plan(
+    model: nn.Module, example_input: torch.Tensor, plan: Plan
+) -> dict[str, torch.Tensor]:
+    """Remove the planned channels from ``model`` in place (with all coupled layers).
+
+    Returns:
+        For every parameter that changed shape, the flat indices (into the parameter before the
+        prune) of the values it kept, shaped like the new parameter: optimizer state follows
+        with ``old_state.flatten()[index]``. Found by replaying each pruning step on index-valued
+        shadows of the layers, so it holds for any layer Torch-Pruning can prune.
+    """
+    if not plan:
+        return {}
+    graph = trace(model, example_input)
+    names = {m: n for n, m in model.named_modules()}
+    shadows: dict[nn.Module, nn.Module] = {}
+    for root_name, idxs in plan:
+        root = model.get_submodule(root_name)
+        prune_out = graph.get_pruner_of_module(root).prune_out_channels
+        group = graph.get_pruning_group(root, prune_out, idxs)
+        if not graph.check_pruning_group(group):
+            continue  # would empty a layer
+        for dep, dep_idxs in group:
+            target = dep.target.module
+            if not isinstance(target, nn.Module) or target not in names:
+                continue  # an operator node, or a bare nn.Parameter (its state restarts)
+            if next(target.parameters(recurse=False), None) is None:
+                continue
+            shadow = shadows.setdefault(target, _shadow(target))
+            dep.handler.__self__.pruning_dim = dep.target.pruning_dim
+            dep.handler(shadow, [int(getattr(i, "idx", i)) for i in dep_idxs])
+        group.prune()
+    index: dict[str, torch.Tensor] = {}
+    for module, shadow in shadows.items():
+        prefix = f"{names[module]}." if names[module] else ""
+        for pname, p in shadow._parameters.items():
+            if p is not None:
+                index[prefix + pname] = p.detach().long()
+    return index
+
+
+def count_macs_params(model: nn.Module, example_input: torch.Tensor) -> tuple[int, int]:
+    """MACs and parameters of one forward pass (Torch-Pruning's counter, on a copy)."""
+    macs, params = tp.utils.count_ops_and_params(model, example_input)
+    return int(macs), int(params)

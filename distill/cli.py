@@ -31,7 +31,8 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported (start-up stays fast)."""
     parser = _Parser(
         prog="distill",
         description="Distill, prune and quantize a student; export and time it every epoch; "
@@ -41,14 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        if name != command:
+            continue
         mod = importlib.import_module(module)
-        getattr(mod, f"add_{name.replace('-', '_')}_arguments", mod.add_arguments)(p)
-        p.set_defaults(_run=getattr(mod, f"run_{name.replace('-', '_')}", None) or mod.run)
+        stem = name.replace("-", "_")
+        add = getattr(mod, f"add_{stem}_arguments", None) or getattr(mod, "add_arguments")
+        add(p)
+        p.set_defaults(_run=getattr(mod, f"run_{stem}", None) or getattr(mod, "run"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()

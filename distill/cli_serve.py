@@ -87,7 +87,8 @@ def _inputs(mode: str, io: Any, seed: int) -> tuple[Any, str]:
 
     dm = DigitsDataModule(image_size=io.sample_shape[1])
     x = dm.dataset("val").tensors[0].numpy().astype(io.dtype)
-    return x, f"digits validation split ({len(x)} images, {io.sample_shape[1]}x{io.sample_shape[1]})"
+    size = io.sample_shape[1]
+    return x, f"digits validation split ({len(x)} images, {size}x{size})"
 
 
 def search_max_rate(passes: Callable[[float], bool], start: float, max_steps: int = 10,

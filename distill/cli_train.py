@@ -53,9 +53,12 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*is deprecated.*")
+    warnings.filterwarnings("ignore", ".*exists and is not empty.*")
     for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero",
-                 "pytorch_lightning.accelerators.cuda", "torch.onnx", "onnxscript"):
+                 "pytorch_lightning.accelerators.cuda", "onnxscript"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # torch.onnx warns about torchvision ops on every export; torchvision is not a dependency.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 
 def summary(report: dict, run_dir: Path) -> str:

@@ -51,23 +51,12 @@ def _latency_summary(onnx_path: Path, recipe: dict[str, Any]) -> dict[str, Any]:
     e = recipe["export"]
     res = measure_latency(onnx_path, batch_sizes=[1], provider=e["provider"], threads=e["threads"],
                           warmup=e["warmup"], iters=e["iters"], subprocess=e["subprocess"])
-    one = _batch_result(res, 1)
+    one = res[1]
     return {
         "latency_ms": {k: round(float(one[f"{k}_ms"]), 4) for k in ("p50", "p95", "p99", "mean")},
-        "throughput_qps": round(float(one["throughput"]), 1),
+        "throughput_qps": round(float(one["throughput_qps"]), 1),
+        "latency_cv": round(float(one["cv"]), 3),
     }
-
-
-def _batch_result(res: Any, batch: int) -> dict[str, Any]:
-    if isinstance(res, dict) and "results" in res:
-        res = res["results"]
-    if isinstance(res, dict) and batch in res:
-        return res[batch]
-    if isinstance(res, dict) and str(batch) in res:
-        return res[str(batch)]
-    if isinstance(res, list):
-        return next(r for r in res if r.get("batch_size", r.get("batch")) == batch)
-    return res
 
 
 def measure_teacher(teacher: nn.Module, info: dict[str, Any], dm: Any, example: torch.Tensor,

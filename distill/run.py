@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +51,10 @@ def plan_run_dir(recipe: dict[str, Any]) -> Path:
         parent = parent.parent
     if not parent.is_dir():
         raise UserError(f"output_dir '{run_dir}': '{parent}' is a file")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"output_dir '{run_dir}' is not writable ('{parent}' denies it)")
+    try:  # a real probe: permission bits say nothing for root or read-only mounts
+        tempfile.TemporaryDirectory(dir=parent).cleanup()
+    except OSError:
+        raise UserError(f"output_dir '{run_dir}' is not writable ('{parent}' denies it)") from None
     return run_dir
 
 

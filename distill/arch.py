@@ -285,24 +285,36 @@ def select_channels(
     layer keeps at least one channel (or ``round_to``).
     """
     plan: Plan = []
+    floor = round_to or 1
     if global_pruning:
+        # Each layer's `floor` best channels are out of the ranking: no layer is emptied, and
+        # the others make up the difference so the total still reaches the target.
+        ranked = {n: _protect_top(s, floor) for n, s in scores.items()}
         total_orig = sum(original.get(n, len(s)) for n, s in scores.items())
         n_prune = sum(len(s) for s in scores.values()) - kept_channels(total_orig, sparsity)
+        candidates = torch.cat(list(ranked.values()))
+        n_prune = min(n_prune, int(torch.isfinite(candidates).sum()))
         if n_prune <= 0:
             return plan
-        threshold = torch.cat(list(scores.values())).kthvalue(n_prune).values
+        threshold = candidates.kthvalue(n_prune).values
     for name, imp in scores.items():
         current = len(imp)
         if global_pruning:
-            keep = current - int((imp <= threshold).sum())
+            keep = current - int((ranked[name] <= threshold).sum())
             if keep < current and round_to:
                 keep -= keep % round_to
-            keep = max(keep, round_to or 1)
+            keep = max(keep, floor)
         else:
             keep = kept_channels(original.get(name, current), sparsity, round_to)
         if keep < current:
             plan.append((name, sorted(torch.argsort(imp)[: current - keep].tolist())))
     return plan
+
+
+def _protect_top(imp: torch.Tensor, k: int) -> torch.Tensor:
+    out = imp.clone()
+    out[torch.topk(imp, min(k, len(imp))).indices] = float("inf")
+    return out
 
 
 def _shadow(module: nn.Module) -> nn.Module:
@@ -364,3 +376,14 @@ def count_macs_params(model: nn.Module, example_input: torch.Tensor) -> tuple[in
     """MACs and parameters of one forward pass (Torch-Pruning's counter, on a copy)."""
     macs, params = tp.utils.count_ops_and_params(model, example_input)
     return int(macs), int(params)
+
+
+def fold_prune_masks(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Replace ``torch.nn.utils.prune``'s ``X_orig`` / ``X_mask`` pairs by plain ``X = orig *
+    mask``, so a checkpoint saved mid-pruning loads into a freshly built model."""
+    out = dict(state_dict)
+    for key in [k for k in out if k.endswith("_orig")]:
+        base = key[: -len("_orig")]
+        if base + "_mask" in out:
+            out[base] = out.pop(key) * out.pop(base + "_mask")
+    return out

@@ -46,9 +46,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             continue
         mod = importlib.import_module(module)
         stem = name.replace("-", "_")
-        add = getattr(mod, f"add_{stem}_arguments", None) or getattr(mod, "add_arguments")
+        add = getattr(mod, f"add_{stem}_arguments", None) or mod.add_arguments
         add(p)
-        p.set_defaults(_run=getattr(mod, f"run_{stem}", None) or getattr(mod, "run"))
+        p.set_defaults(_run=getattr(mod, f"run_{stem}", None) or mod.run)
     return parser
 
 

@@ -59,6 +59,7 @@ class TeacherConfig(ModelConfig):
     checkpoint: Optional[str] = None  # Lightning .ckpt, state_dict .pt, or .onnx
     train_epochs: int = 12
     lr: float = 0.003
+    seed: int = 0  # the teacher's own seed: student seeds share one teacher
     cache_dir: str = "runs/_teachers"
 
 
@@ -193,6 +194,13 @@ class QATConfig:
 
 @dataclass
 class ServingConfig:
+    """Serving check of the delivered student (``distill.export.serving.serving_report``).
+
+    Open-loop Poisson load at ``qps`` for ``duration_s`` per strategy (no batching, static,
+    dynamic with ``max_batch`` / ``max_wait_ms``), with ``export.threads`` ORT threads; the
+    p99 objective is ``slo_p99_ms``.
+    """
+
     enabled: bool = False
     qps: float = 200.0
     duration_s: float = 5.0
@@ -361,6 +369,14 @@ def validate(cfg: DictConfig) -> None:
         raise UserError("'trainer.devices' must be >= 1 or 'auto'; got 0")
     if "/" in cfg.name or "\\" in cfg.name or cfg.name in ("", ".", ".."):
         raise UserError(f"'name' must be a plain name without path separators; got '{cfg.name}'")
+    sv = cfg.serving
+    for key in ("qps", "duration_s", "slo_p99_ms"):
+        if not sv[key] > 0:
+            raise UserError(f"'serving.{key}' must be > 0; got {sv[key]}")
+    if sv.max_batch < 1:
+        raise UserError(f"'serving.max_batch' must be >= 1; got {sv.max_batch}")
+    if sv.max_wait_ms < 0:
+        raise UserError(f"'serving.max_wait_ms' must be >= 0; got {sv.max_wait_ms}")
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -58,6 +58,8 @@ class ResNetCNN(nn.Module):
         num_classes: Number of output logits.
         widths: Channels of each stage.
         blocks: Basic blocks per stage (an int applies to every stage).
+        stem_stride: Stride of the stem convolution (2 halves the resolution early: a wide
+            model at a quarter of the cost).
 
     Example:
         >>> net = ResNetCNN(1, 10, widths=(16, 32, 64), blocks=1)
@@ -71,6 +73,7 @@ class ResNetCNN(nn.Module):
         num_classes: int = 10,
         widths: Sequence[int] = (16, 32, 64),
         blocks: int | Sequence[int] = 1,
+        stem_stride: int = 1,
     ) -> None:
         super().__init__()
         widths = [int(w) for w in widths]
@@ -82,7 +85,7 @@ class ResNetCNN(nn.Module):
                 f"model blocks must be a positive int or one per stage ({len(widths)}), "
                 f"got {blocks}"
             )
-        self.stem = ConvBNReLU(in_channels, widths[0])
+        self.stem = ConvBNReLU(in_channels, widths[0], stride=stem_stride)
         stages = []
         cin = widths[0]
         for i, (w, n) in enumerate(zip(widths, per_stage)):
@@ -127,7 +130,7 @@ class MLP(nn.Module):
 #: Named reference architectures: ``name -> builder(in_channels, num_classes, **kwargs)``.
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet_teacher": lambda in_channels, num_classes, **kw: ResNetCNN(
-        in_channels, num_classes, **{"widths": (32, 64, 128), "blocks": 2, **kw}
+        in_channels, num_classes, **{"widths": (48, 96, 192), "blocks": 2, "stem_stride": 2, **kw}
     ),
     "resnet_student": lambda in_channels, num_classes, **kw: ResNetCNN(
         in_channels, num_classes, **{"widths": (16, 32, 64), "blocks": 1, **kw}

@@ -238,7 +238,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             return spec.format(v) if isinstance(v, (int, float)) and v is not None else "—"
         lines.append(
             f"| {r['epoch']} | {f(r['val_accuracy'])} | {f(r['val_accuracy_onnx'])} | "
-            f"{f(r['p50_ms'], '{:.3f}')} | {f(r['p99_ms'], '{:.3f}')} | {f(r['size_mb'], '{:.3f}')} "
+            f"{f(r['p50_ms'], '{:.3f}')} | {f(r['p99_ms'], '{:.3f}')} | "
+            f"{f(r['size_mb'], '{:.3f}')} "
             f"| {f(r['sparsity'], '{:.2f}')} | {'yes' if r['quantized'] else 'no'} | "
             f"{f(r['parity_max_abs'], '{:.2e}')} | {r['error'] or ''} |"
         )

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from distill.errors import UserError
@@ -87,7 +86,8 @@ def build_callbacks(recipe: dict[str, Any], run_dir: Path, teacher_accuracy: flo
         measure = ExportAndMeasure(
             out_dir=run_dir, every_n_epochs=e["every_n_epochs"], batch_sizes=e["batch_sizes"],
             threads=e["threads"], provider=e["provider"], warmup=e["warmup"], iters=e["iters"],
-            subprocess=e["subprocess"], parity_atol=e["parity_atol"],
+            subprocess=e["subprocess"], parity_atol=e["parity_atol"], opset=e["opset"],
+            tensorrt=e["tensorrt"],
         )
         t = recipe["targets"]
         callbacks += [
@@ -164,6 +164,8 @@ def train(cfg: DictConfig, resume: str | Path | None = None) -> RunResult:
                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     student.train()
     teacher, teacher_info = load_or_train_teacher(recipe, dm, in_ch, ncls)
+    # The same student run whether the teacher was trained now or loaded from the cache.
+    pl.seed_everything(recipe["seed"], workers=True, verbose=False)
     try:
         module = DistillationModule(student, teacher, ncls, example, distill=recipe["distill"],
                                     optim=recipe["optim"], recipe=recipe)

@@ -53,9 +53,9 @@ def teacher_cache_key(recipe: dict[str, Any]) -> str:
     """A short hash of what determines a recipe-trained teacher."""
     t = recipe["teacher"]
     shape = {
-        "teacher": {k: t.get(k) for k in ("name", "_target_", "kwargs", "train_epochs", "lr")},
+        "teacher": {k: t.get(k) for k in ("name", "_target_", "kwargs", "train_epochs", "lr",
+                                          "seed")},
         "data": {k: v for k, v in recipe["data"].items() if k not in ("num_workers",)},
-        "seed": recipe["seed"],
         "v": 1,
     }
     blob = json.dumps(shape, sort_keys=True, default=str).encode()
@@ -133,6 +133,7 @@ def load_or_train_teacher(
         return model.eval().requires_grad_(False), {"source": "checkpoint", "path": str(path)}
 
     cache = Path(cfg["cache_dir"]).expanduser() / f"teacher-{teacher_cache_key(recipe)}.pt"
+    torch.manual_seed(cfg["seed"])  # the teacher's init depends on its own seed only
     model = build_model_from_cfg(cfg, in_channels, num_classes, "teacher")
     if cache.is_file():
         load_into(model, read_state_dict(cache, "cached teacher"), cache, "cached teacher")
@@ -154,6 +155,7 @@ def train_teacher(model: nn.Module, recipe: dict[str, Any], datamodule: Any, num
     from distill.module import DistillationModule
 
     cfg = recipe["teacher"]
+    pl.seed_everything(cfg["seed"], workers=True, verbose=False)
     example = next(iter(datamodule.val_dataloader()))[0][:1]
     module = DistillationModule(
         model, None, num_classes, example,

@@ -72,7 +72,8 @@ def test_image_folder(tmp_path):
     for cls in ("cat", "dog"):
         (tmp_path / cls).mkdir()
         for i in range(5):
-            Image.fromarray(np.full((10, 12, 3), 40 * i, np.uint8)).save(tmp_path / cls / f"{i}.png")
+            img = Image.fromarray(np.full((10, 12, 3), 40 * i, np.uint8))
+            img.save(tmp_path / cls / f"{i}.png")
     dm = ImageFolderDataModule(root=str(tmp_path), image_size=16, val_fraction=0.2,
                                test_fraction=0.2)
     assert dm.class_names == ["cat", "dog"] and dm.num_classes == 2

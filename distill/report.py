@@ -282,10 +282,68 @@ def plot_pareto(report: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
+def render_model_card(report: dict[str, Any]) -> str:
+    """``MODEL_CARD.md``: what a serving team needs to know about ``student.onnx``."""
+    s, t, tg, env, inp = (report["student"], report["teacher"], report["targets"],
+                          report["environment"], report["input"])
+    lat = s.get("latency_ms") or {}
+    pre = "\n".join(f"  - {k}: {v}" for k, v in (inp.get("preprocessing") or {}).items())
+    labels = inp.get("labels") or []
+    lines = [
+        f"# Model card: {report['name']} student",
+        "",
+        "## Model",
+        f"- File: `student.onnx` ({s['format']}, {s['size_mb']:.3f} MB, "
+        f"{s.get('params') or 'n/a'} parameters, {s.get('macs') or 'n/a'} MACs per sample), "
+        f"from epoch {report['delivered']['epoch']}: {report['delivered']['reason']}.",
+        f"- Distilled from a teacher of {t.get('params') or 'n/a'} parameters "
+        f"(accuracy {t['accuracy']:.4f}).",
+        "",
+        "## Input and output",
+        f"- Input `{inp.get('name')}`: shape {inp.get('shape')}, {inp.get('dtype')}; the batch "
+        "axis is dynamic.",
+        "- Preprocessing (apply exactly this before inference):",
+        pre or "  - none recorded",
+        f"- Output `logits`: shape [batch, {len(labels)}]; argmax gives the class. Labels in "
+        f"order: {', '.join(map(str, labels))}.",
+        "",
+        "## Performance (measured on the exported model in ONNX Runtime)",
+        f"- Validation accuracy {s['accuracy']:.4f}; test accuracy "
+        f"{s.get('test_accuracy', float('nan')):.4f}; teacher validation accuracy "
+        f"{t['accuracy']:.4f} (drop {report['accuracy_drop']:.2f} points).",
+        f"- Latency at batch 1: p50 {lat.get('p50', float('nan')):.3f} ms, p95 "
+        f"{lat.get('p95', float('nan')):.3f} ms, p99 {lat.get('p99', float('nan')):.3f} ms; "
+        f"{s.get('throughput_qps', 'n/a')} samples/s; speed-up over the teacher at p99: "
+        f"{report['speedup_p99']}×.",
+        f"- Machine: {env['cpu']} ({env.get('cores')} cores), {env['provider']} provider, "
+        f"{env['threads']} intra-op thread(s), ONNX Runtime {env['onnxruntime']}.",
+        f"- Targets: accuracy {tg['accuracy']}, max drop {tg['max_accuracy_drop']}, p99 "
+        f"{tg['p99_ms']} ms, size {tg['size_mb']} MB: "
+        + (f"met at epoch {tg['met_at_epoch']}." if tg["met"] else "not met."),
+        "",
+        "## How it was produced",
+        f"- Recipe `{report['name']}` (sha256 prefix {report['recipe_sha256']}; the resolved "
+        "recipe is `recipe.yaml` beside this file).",
+        f"- distill {env['distill']} (git {env.get('git_commit') or 'unknown'}), torch "
+        f"{env['torch']}, ONNX Runtime {env['onnxruntime']}, Python {env.get('python')}.",
+        "",
+        "## Limitations",
+        "- Accuracy is measured on the recipe's validation/test split only; it says nothing "
+        "about inputs from another distribution (other scanners, resolutions, preprocessing).",
+        "- Latency holds for the machine, provider and thread count above; re-measure on the "
+        "serving hardware (`distill bench student.onnx`) and under load "
+        "(`distill serve-bench`).",
+        "- The student inherits the teacher's errors and biases; distillation does not fix them.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def write_report(run_dir: Path, report: dict[str, Any], trainer: Any = None) -> None:
     atomic_write_json(run_dir / "report.json", report)
     plot_pareto(report, run_dir / "pareto.png")
     atomic_write_text(run_dir / "report.md", render_markdown(report))
+    atomic_write_text(run_dir / "MODEL_CARD.md", render_model_card(report))
     if trainer is not None:
         _log_to_wandb(trainer, report, run_dir)
 

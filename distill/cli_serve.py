@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="request samples: digits validation images (auto: when the input "
                         "is 1xSxS) or standard-normal noise")
     parser.add_argument("--seed", type=int, default=0, help="arrival schedule and input draw")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="cut the load into this many rounds and alternate the strategies "
+                        "(fairer on a machine whose other load comes and goes)")
     parser.add_argument("--sweep", action="store_true",
                         help="find each strategy's highest QPS meeting the SLO; recommend "
                         "max_batch/max_wait_ms")
@@ -62,6 +65,7 @@ def _check_flags(args: argparse.Namespace) -> None:
         ("--threads", args.threads, args.threads >= 1, ">= 1"),
         ("--sweep-trial-s", args.sweep_trial_s, args.sweep_trial_s > 0, "> 0"),
         ("--sweep-steps", args.sweep_steps, args.sweep_steps >= 1, ">= 1"),
+        ("--rounds", args.rounds, args.rounds >= 1, ">= 1"),
     )
     for flag, value, ok, want in checks:
         if not ok or (isinstance(value, float) and not math.isfinite(value)):
@@ -209,8 +213,9 @@ def _fmt(value: Any, digits: int = 2) -> str:
 def _table(report: dict[str, Any]) -> str:
     lines = [
         f"serve-bench {report['model']}: {report['qps']:g} qps Poisson for "
-        f"{report['duration_s']:g} s, p99 objective {report['slo_p99_ms']:g} ms, "
-        f"{report['threads']} thread(s), batch axis {report['batch_axis']}",
+        f"{report['duration_s']:g} s ({report['rounds']} round(s)), p99 objective "
+        f"{report['slo_p99_ms']:g} ms, {report['threads']} thread(s), "
+        f"batch axis {report['batch_axis']}",
         f"inputs: {report['inputs_source']}",
     ]
     if report["note"]:
@@ -276,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
         warmup(session, max(max_batch, *GRID_MAX_BATCH))
     report = serving_report(args.model, args.qps, args.duration, args.slo_p99_ms, max_batch,
                             max_wait_ms, args.threads, inputs=inputs, strategies=STRATEGIES,
-                            seed=args.seed, session=session)
+                            seed=args.seed, rounds=args.rounds, session=session)
     report["inputs_source"] = source
     if args.sweep:
         report["sweep"] = _sweep(session, inputs, args, served, max_batch, max_wait_ms)

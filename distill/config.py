@@ -60,6 +60,7 @@ class TeacherConfig(ModelConfig):
     train_epochs: int = 12
     lr: float = 0.003
     seed: int = 0  # the teacher's own seed: student seeds share one teacher
+    train_fraction: float = 1.0  # of the training split; the student's is data.train_fraction
     cache_dir: str = "runs/_teachers"
 
 
@@ -98,6 +99,7 @@ class DistillConfig:
     feature: FeatureTerm = field(default_factory=FeatureTerm)
     attention: FeatureTerm = field(default_factory=FeatureTerm)
     dkd: DKDTerm = field(default_factory=DKDTerm)
+    cache_teacher: bool = False  # offline KD: teacher logits computed once per sample
 
 
 @dataclass
@@ -360,8 +362,10 @@ def validate(cfg: DictConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise UserError(f"'{key}' must be > 0; got {value}")
-    if not 0.0 < cfg.data.train_fraction <= 1.0:
-        raise UserError(f"'data.train_fraction' must be in (0, 1]; got {cfg.data.train_fraction}")
+    for key in ("data.train_fraction", "teacher.train_fraction"):
+        value = OmegaConf.select(cfg, key)
+        if not 0.0 < value <= 1.0:
+            raise UserError(f"'{key}' must be in (0, 1]; got {value}")
     if any(b < 1 for b in cfg.export.batch_sizes):
         raise UserError(f"'export.batch_sizes' must be >= 1; got {list(cfg.export.batch_sizes)}")
     devices = cfg.trainer.devices

@@ -85,6 +85,14 @@ class DistillationModule(pl.LightningModule):
             raise ValueError("distillation terms have weight > 0 but no teacher was given")
         self._validate_layers()
         self.rebuild_adapters()
+        self.teacher_cache = None
+        if self.cfg["cache_teacher"]:
+            if self._pairs("feature") or self._pairs("attention"):
+                raise ValueError("distill.cache_teacher caches logits only: it cannot be used "
+                                 "with feature or attention terms")
+            from distill.teacher_cache import TeacherCache
+
+            self.teacher_cache = TeacherCache()
 
     # ----- teacher ---------------------------------------------------------------------------
     @property
@@ -174,8 +182,11 @@ class DistillationModule(pl.LightningModule):
         terms: dict[str, torch.Tensor] = {"task": F.cross_entropy(logits, y)}
         total = c["task_weight"] * terms["task"]
         if self.teacher is not None and self._uses_teacher():
-            with torch.no_grad(), capture_features(self.teacher, t_names, "teacher") as ft:
-                t_logits = self.teacher(x)
+            if self.teacher_cache is not None:
+                t_logits, ft = self.teacher_cache.logits(x, self.teacher), {}
+            else:
+                with torch.no_grad(), capture_features(self.teacher, t_names, "teacher") as ft:
+                    t_logits = self.teacher(x)
             if c["kd"]["weight"] > 0:
                 terms["kd"] = kd_loss(logits, t_logits, c["kd"]["temperature"])
                 total = total + c["kd"]["weight"] * terms["kd"]
@@ -207,6 +218,18 @@ class DistillationModule(pl.LightningModule):
             self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=bs)
         self.log("train/accuracy", self.train_acc, on_step=False, on_epoch=True, batch_size=bs)
         return total
+
+    def on_train_epoch_end(self) -> None:
+        cache = self.teacher_cache
+        if cache is None or cache.frozen:
+            return
+        try:
+            n = len(self.trainer.train_dataloader.dataset) // max(1, self.trainer.world_size)
+        except (AttributeError, TypeError):
+            return
+        # Once every training sample (of this rank's shard) is cached, a miss means the data
+        # changed between epochs: random augmentation, which caching would silently break.
+        cache.frozen = len(cache) >= n
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
@@ -266,6 +289,7 @@ def _with_defaults(cfg: dict[str, Any]) -> dict[str, Any]:
         "feature": {"weight": 0.0, "pairs": []},
         "attention": {"weight": 0.0, "pairs": []},
         "dkd": {"weight": 0.0, "alpha": 1.0, "beta": 8.0, "temperature": 4.0},
+        "cache_teacher": False,
     }
     out = dict(base)
     for key, value in cfg.items():

@@ -30,8 +30,52 @@ class RunResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
+#: Set by global rank 0 before ``Trainer.fit``: the processes that Lightning's DDP launcher
+#: starts re-run the whole command, and must write to rank 0's run directory, not to one with
+#: their own timestamp.
+RUN_DIR_ENV = "DISTILL_RUN_DIR"
+
+
+def is_launch_rank_zero() -> bool:
+    """Whether this process is global rank 0 as its launcher set it (True when not launched).
+
+    Works before ``Trainer.fit`` creates the process group: torchrun sets ``RANK``, ``srun``
+    with several tasks ``SLURM_PROCID``, Lightning's DDP launcher ``NODE_RANK`` and
+    ``LOCAL_RANK`` in the processes it starts.
+    """
+    env = os.environ
+    if env.get("RANK", "").isdigit():
+        return int(env["RANK"]) == 0
+    if _srun_tasks() > 1:
+        return int(env["SLURM_PROCID"]) == 0
+    return all(int(env.get(k, "0") or 0) == 0 for k in ("NODE_RANK", "GROUP_RANK", "LOCAL_RANK"))
+
+
+def _srun_tasks() -> int:
+    env = os.environ
+    if not env.get("SLURM_PROCID", "").isdigit():
+        return 0
+    return int(env.get("SLURM_NTASKS", "1") or 1)
+
+
+def _started_together() -> bool:
+    """torchrun or srun started every rank at once: no rank can tell the others a timestamp."""
+    return os.environ.get("RANK", "").isdigit() or _srun_tasks() > 1
+
+
 def plan_run_dir(recipe: dict[str, Any]) -> Path:
-    """Where this run writes (not created yet); a ``UserError`` if it cannot be written."""
+    """Where this run writes (not created yet); a ``UserError`` if it cannot be written.
+
+    Only global rank 0 checks it; the other ranks take rank 0's directory: ``DISTILL_RUN_DIR``
+    (set by rank 0 for the processes Lightning launches) or ``output_dir``.
+    """
+    shared = os.environ.get(RUN_DIR_ENV)
+    if not shared and not recipe.get("output_dir") and (_started_together()
+                                                        or not is_launch_rank_zero()):
+        raise UserError("a multi-process launch (torchrun, srun) needs output_dir=... so that "
+                        "every rank writes to the same run directory")
+    if not is_launch_rank_zero():
+        return Path(shared or recipe["output_dir"]).expanduser()
     if recipe.get("output_dir"):
         run_dir = Path(recipe["output_dir"]).expanduser()
     else:
@@ -163,6 +207,10 @@ def train(cfg: DictConfig, resume: str | Path | None = None) -> RunResult:
         raise UserError(f"student does not accept the data's input {tuple(example.shape)}: "
                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     student.train()
+    if recipe["distill"]["cache_teacher"]:
+        from distill.teacher_cache import check_deterministic
+
+        check_deterministic(dm.train_dataloader().dataset)
     teacher, teacher_info = load_or_train_teacher(recipe, dm, in_ch, ncls)
     # The same student run whether the teacher was trained now or loaded from the cache.
     pl.seed_everything(recipe["seed"], workers=True, verbose=False)

@@ -54,8 +54,10 @@ def teacher_cache_key(recipe: dict[str, Any]) -> str:
     t = recipe["teacher"]
     shape = {
         "teacher": {k: t.get(k) for k in ("name", "_target_", "kwargs", "train_epochs", "lr",
-                                          "seed")},
-        "data": {k: v for k, v in recipe["data"].items() if k not in ("num_workers",)},
+                                          "seed", "train_fraction")},
+        # the student's share of the data does not shape the teacher
+        "data": {k: v for k, v in recipe["data"].items()
+                 if k not in ("num_workers", "train_fraction")},
         "v": 1,
     }
     blob = json.dumps(shape, sort_keys=True, default=str).encode()
@@ -138,7 +140,13 @@ def load_or_train_teacher(
     if cache.is_file():
         load_into(model, read_state_dict(cache, "cached teacher"), cache, "cached teacher")
         return model.eval().requires_grad_(False), {"source": "cache", "path": str(cache)}
-    train_teacher(model, recipe, datamodule, num_classes)
+    teacher_dm = datamodule
+    if cfg.get("train_fraction", 1.0) != recipe["data"].get("train_fraction", 1.0):
+        from distill.instantiate import build_datamodule
+
+        data = {**recipe["data"], "train_fraction": cfg["train_fraction"]}
+        teacher_dm = build_datamodule(data, recipe["seed"])
+    train_teacher(model, recipe, teacher_dm, num_classes)
     try:
         with atomic_path(cache) as tmp:
             torch.save(model.state_dict(), tmp)

@@ -89,3 +89,51 @@ def test_fit_keeps_teacher_frozen_and_student_learns(digits):
     assert any(not torch.equal(s_before[k], v) for k, v in s.state_dict().items())
     assert "val/accuracy" in trainer.callback_metrics
     assert "train/kd" in trainer.callback_metrics and "train/feature" in trainer.callback_metrics
+
+
+def test_teacher_cache_runs_teacher_once_per_sample(digits):
+    from distill.teacher_cache import TeacherCache
+
+    s, t = _pair()
+    calls = {"n": 0}
+    t.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    m = DistillationModule(s, t, 10, torch.zeros(1, 1, 16, 16),
+                           distill={"kd": {"weight": 1.0}, "cache_teacher": True})
+    assert isinstance(m.teacher_cache, TeacherCache)
+    trainer = pl.Trainer(max_epochs=3, limit_val_batches=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(m, datamodule=digits)
+    n_train = len(digits.dataset("train"))
+    train_batches = -(-n_train // digits.batch_size)
+    assert calls["n"] == train_batches  # epoch 0 only; epochs 1-2 hit the cache
+    assert len(m.teacher_cache) == n_train and m.teacher_cache.frozen
+    # cached logits equal a fresh teacher pass
+    x = digits.dataset("train").tensors[0][:5]
+    np_cached = m.teacher_cache.logits(x, t)
+    assert torch.allclose(np_cached, t(x), atol=1e-5)
+
+
+def test_teacher_cache_refuses_changed_samples_and_feature_terms():
+    from distill.teacher_cache import TeacherCache, check_deterministic
+
+    cache = TeacherCache()
+    t = build_model("resnet", 1, 10, widths=(4, 8), blocks=1).eval()
+    cache.logits(torch.randn(4, 1, 8, 8), t)
+    cache.frozen = True
+    with pytest.raises(UserError, match="a training sample changed between epochs"):
+        cache.logits(torch.randn(4, 1, 8, 8), t)
+
+    class Augmented(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.randn(1, 8, 8), 0
+
+    with pytest.raises(UserError, match="without random augmentation"):
+        check_deterministic(Augmented())
+    s, t2 = _pair()
+    with pytest.raises(ValueError, match="caches logits only"):
+        DistillationModule(s, t2, 10, torch.zeros(1, 1, 16, 16),
+                           distill={**FEATURE, "cache_teacher": True})

@@ -181,12 +181,20 @@ class ExportAndMeasure(Callback):
         last = trainer.max_epochs is not None and epoch + 1 >= trainer.max_epochs > 0
         return (epoch + 1) % self.every_n_epochs == 0 or last
 
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._epoch_start = time.perf_counter()
+
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit" or not self._due(trainer):
             return
+        started = getattr(self, "_epoch_start", None)
+        # training + validation time of this epoch, before export: the base of the overhead share
+        epoch_s = None if started is None else round(time.perf_counter() - started, 3)
         if self.latest_row is not None and self.latest_row["epoch"] == trainer.current_epoch:
             return  # a second validation in the same epoch (val_check_interval < 1)
         row = self.measure(trainer, pl_module) if trainer.is_global_zero else None
+        if row is not None:
+            row["epoch_s"] = epoch_s
         row = trainer.strategy.broadcast(row, src=0)
         self.rows.append(row)
         self._publish(trainer, row)

@@ -183,7 +183,7 @@ def build_report(recipe: dict[str, Any], teacher: dict[str, Any], student: dict[
 
 _ROW_KEYS = ("epoch", "val_accuracy", "val_accuracy_onnx", "p50_ms", "p95_ms", "p99_ms",
              "size_mb", "params", "macs", "sparsity", "quantized", "parity_max_abs",
-             "parity_ok", "onnx", "error")
+             "parity_ok", "onnx", "error", "epoch_s", "export_s", "measure_s")
 
 
 def _epoch_row(row: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,285 @@
+"""One run, one table: every comparison of distill measured side by side on this machine.
+
+Sections (each a table in ``benchmark.md`` and a key in ``benchmark.json``):
+  a. framework overhead: samples/s of distill's KD step (Lightning) vs a hand-written loop
+  b. teacher-output caching (offline KD) on vs off
+  c. per-epoch export + measure cost as a share of the epoch
+  d. KD vs scratch student accuracy (seeds, mean ± std)        -> scripts/kd_vs_scratch.py
+  e. INT8: FP32 vs ORT static INT8 vs our PTQ vs our QAT         -> scripts/bench_int8.py
+  f. structured pruning sweep 0/25/50/75%                        -> scripts/bench_pruning.py
+  g. end to end: teacher vs the delivered student of digits_full.yaml
+
+Usage:
+    python scripts/benchmark.py [--quick] [--out DIR] [--only a,b,...]
+
+``--quick`` shrinks every section (tiny models, one seed, few epochs) so that the test suite
+can check that the whole pipeline runs; its numbers are not meaningful.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+
+
+def _script(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def environment() -> dict[str, Any]:
+    import onnxruntime as ort
+    import pytorch_lightning as pl
+    import torch
+
+    from distill.report import _cpu_name
+
+    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "onnxruntime": ort.__version__,
+            "lightning": pl.__version__, "python": platform.python_version()}
+
+
+# ----- a/b: training throughput --------------------------------------------------------------
+def _models(quick: bool) -> tuple[Any, Any, Any, Any]:
+    import torch
+
+    from distill.data import DigitsDataModule
+    from distill.models import build_model
+
+    size = 8 if quick else 32
+    torch.manual_seed(0)
+    dm = DigitsDataModule(batch_size=64, image_size=size)
+    dm.prepare()
+    if quick:
+        teacher = build_model("resnet", 1, 10, widths=(8, 16), blocks=1)
+        student = build_model("resnet", 1, 10, widths=(4, 8), blocks=1)
+    else:
+        teacher = build_model("resnet_teacher", 1, 10)
+        student = build_model("resnet_student", 1, 10)
+    return dm, teacher.eval().requires_grad_(False), student, torch.zeros(1, 1, size, size)
+
+
+def hand_written_epochs(dm: Any, teacher: Any, student: Any, epochs: int) -> list[float]:
+    """The reference: a minimal PyTorch KD loop (same loss, optimizer, data, batch size)."""
+    import torch
+    import torch.nn.functional as F
+
+    from distill.losses import kd_loss
+
+    opt = torch.optim.AdamW(student.parameters(), lr=3e-3, weight_decay=1e-4)
+    student.train()
+    times = []
+    for _ in range(epochs):
+        t0 = time.perf_counter()
+        for x, y in dm.train_dataloader():
+            with torch.no_grad():
+                t = teacher(x)
+            s = student(x)
+            loss = F.cross_entropy(s, y) + kd_loss(s, t, 4.0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def distill_epochs(dm: Any, teacher: Any, student: Any, example: Any, epochs: int,
+                   cache: bool = False) -> list[float]:
+    """distill's DistillationModule on Lightning's Trainer, timed per training epoch."""
+    import pytorch_lightning as pl
+
+    from distill.module import DistillationModule
+
+    class EpochTimer(pl.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_epoch_start(self, *_: Any) -> None:
+            self._t0 = time.perf_counter()
+
+        def on_train_epoch_end(self, *_: Any) -> None:
+            self.times.append(time.perf_counter() - self._t0)
+
+    module = DistillationModule(student, teacher, 10, example,
+                                distill={"kd": {"weight": 1.0, "temperature": 4.0},
+                                         "cache_teacher": cache},
+                                optim={"name": "adamw", "lr": 3e-3, "scheduler": "none"})
+    timer = EpochTimer()
+    pl.Trainer(max_epochs=epochs, callbacks=[timer], logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+               num_sanity_val_steps=0).fit(module, datamodule=dm)
+    return timer.times
+
+
+def section_overhead(quick: bool) -> dict[str, Any]:
+    import copy
+
+    dm, teacher, student, example = _models(quick)
+    n = len(dm.dataset("train"))
+    epochs, rounds = (2, 1) if quick else (3, 3)
+    ours, ref = [], []
+    for _ in range(rounds):  # interleaved rounds; epoch 0 of each is warm-up
+        ref += hand_written_epochs(dm, teacher, copy.deepcopy(student), epochs)[1:]
+        ours += distill_epochs(dm, teacher, copy.deepcopy(student), example, epochs)[1:]
+    r, o = n / statistics.median(ref), n / statistics.median(ours)
+    return {"samples": n, "hand_written_sps": round(r, 1), "distill_sps": round(o, 1),
+            "ratio": round(o / r, 3), "epochs_timed": len(ours)}
+
+
+def section_caching(quick: bool) -> dict[str, Any]:
+    import copy
+
+    dm, teacher, student, example = _models(quick)
+    n = len(dm.dataset("train"))
+    epochs = 3 if quick else 4
+    off = distill_epochs(dm, teacher, copy.deepcopy(student), example, epochs, cache=False)
+    on = distill_epochs(dm, teacher, copy.deepcopy(student), example, epochs, cache=True)
+    # epoch 0 fills the cache (the teacher runs once per sample); later epochs hit it
+    off_sps = n / statistics.median(off[1:])
+    on_sps = n / statistics.median(on[1:])
+    return {"off_sps": round(off_sps, 1), "on_sps": round(on_sps, 1),
+            "speedup": round(on_sps / off_sps, 3),
+            "total_s_off": round(sum(off), 2), "total_s_on": round(sum(on), 2),
+            "speedup_whole_run": round(sum(off) / sum(on), 3), "epochs": epochs}
+
+
+# ----- c/g: runs of the real pipeline --------------------------------------------------------
+TINY = ["data.image_size=8", "teacher.name=resnet", "teacher.kwargs={widths: [8, 16], blocks: 1}",
+        "student.name=resnet", "student.kwargs={widths: [4, 8], blocks: 1}",
+        "teacher.train_epochs=1", "export.iters=20", "export.warmup=2"]
+
+
+def _run(recipe: str, overrides: list[str], out: Path) -> dict[str, Any]:
+    from distill.config import load_recipe
+    from distill.run import train
+
+    cfg = load_recipe(recipe, [*overrides, f"output_dir={out}", "logger.wandb=false",
+                               "trainer.enable_progress_bar=false"])
+    return train(cfg).report
+
+
+def section_export_cost(quick: bool, tmp: Path) -> dict[str, Any]:
+    extra = [*TINY, "trainer.max_epochs=2"] if quick else ["trainer.max_epochs=4"]
+    rep = _run("digits_kd", [*extra, "targets.p99_ms=null", "targets.max_accuracy_drop=null",
+                             "teacher.cache_dir=runs/_teachers"], tmp / "export_cost")
+    rows = [r for r in rep["epochs"] if r.get("export_s") is not None]
+    # measure_s is the whole step (export + parity + ORT accuracy + latency)
+    share = [r["measure_s"] / r["epoch_s"] for r in rows if r.get("epoch_s")]
+    return {
+        "epochs": len(rows),
+        "export_s": round(statistics.median(r["export_s"] for r in rows), 3),
+        "measure_s": round(statistics.median(r["measure_s"] for r in rows), 3),
+        "epoch_s": round(statistics.median(r["epoch_s"] for r in rows if r.get("epoch_s")), 3)
+        if share else None,
+        "share": round(statistics.median(share), 3) if share else None,
+    }
+
+
+def section_end_to_end(quick: bool, tmp: Path) -> dict[str, Any]:
+    extra = [*TINY, "trainer.max_epochs=3", "prune.start_epoch=0", "prune.end_epoch=1",
+             "qat.start_epoch=2"] if quick else []
+    rep = _run("digits_full", [*extra, "teacher.cache_dir=runs/_teachers"], tmp / "full")
+    t, s = rep["teacher"], rep["student"]
+    keys = ("accuracy", "params", "macs", "size_mb", "format")
+    return {"teacher": {**{k: t.get(k) for k in keys}, **t.get("latency_ms", {})},
+            "student": {**{k: s.get(k) for k in keys}, **s.get("latency_ms", {})},
+            "speedup_p99": rep["speedup_p99"], "accuracy_drop": rep["accuracy_drop"],
+            "targets_met": rep["targets"]["met"], "epochs": len(rep["epochs"])}
+
+
+# ----- d/e/f: the dedicated scripts ----------------------------------------------------------
+def section_script(name: str, argv: list[str], tmp: Path) -> Any:
+    out = tmp / f"{name}.json"
+    code = _script(name).main([*argv, "--json", str(out)])
+    if code:
+        raise RuntimeError(f"{name} exited with {code}")
+    return json.loads(out.read_text())
+
+
+def sections(quick: bool, tmp: Path) -> dict[str, Any]:
+    kd = (["--seeds", "0", "--epochs", "1", *TINY] if quick
+          else ["--seeds", "0", "1", "2"])
+    int8 = (["--epochs", "1", "--qat-epochs", "1", "--iters", "50", "--warmup", "5"] if quick
+            else [])
+    prune = (["--epochs", "1", "--finetune", "1", "--ratios", "0", "0.5", "--rounds", "1",
+              "--iters", "30"] if quick else [])
+    return {
+        "a": ("framework overhead", lambda: section_overhead(quick)),
+        "b": ("teacher-output caching", lambda: section_caching(quick)),
+        "c": ("export + measure cost per epoch", lambda: section_export_cost(quick, tmp)),
+        "d": ("KD vs scratch", lambda: section_script("kd_vs_scratch", kd, tmp)),
+        "e": ("INT8", lambda: section_script("bench_int8", int8, tmp)),
+        "f": ("pruning sweep", lambda: section_script("bench_pruning", prune, tmp)),
+        "g": ("end to end (digits_full)", lambda: section_end_to_end(quick, tmp)),
+    }
+
+
+def render(results: dict[str, Any]) -> str:
+    env = results["environment"]
+    lines = [f"# distill benchmark{' (quick: numbers not meaningful)' if results['quick'] else ''}",
+             "", f"Machine: {env['cpu']}, {env['cores']} cores; torch {env['torch']} "
+             f"({env['torch_threads']} threads), ONNX Runtime {env['onnxruntime']}, Lightning "
+             f"{env['lightning']}. Total {results['seconds']:.0f} s.", ""]
+    for key, sec in results["sections"].items():
+        lines.append(f"## {key}. {sec['title']} ({sec['seconds']:.0f} s)")
+        lines.append("")
+        if "error" in sec:
+            lines += [f"failed: {sec['error']}", ""]
+            continue
+        lines += ["```json", json.dumps(sec["result"], indent=1, default=str)[:4000], "```", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default="runs/benchmark")
+    p.add_argument("--only", default="a,b,c,d,e,f,g")
+    args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("DISTILL_BENCH_THREADS", "0")) or
+                          torch.get_num_threads())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"quick": args.quick, "environment": environment(),
+                               "sections": {}}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        table = sections(args.quick, Path(tmp))
+        for key in args.only.split(","):
+            title, fn = table[key]
+            t0 = time.perf_counter()
+            print(f"[{key}] {title} ...", file=sys.stderr, flush=True)
+            try:
+                sec = {"title": title, "result": fn()}
+            except Exception as exc:  # one failing section must not hide the others
+                sec = {"title": title, "error": f"{type(exc).__name__}: {exc}"}
+            sec["seconds"] = round(time.perf_counter() - t0, 1)
+            results["sections"][key] = sec
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    from distill.io import atomic_write_json, atomic_write_text
+
+    atomic_write_json(out / "benchmark.json", results)
+    text = render(results)
+    atomic_write_text(out / "benchmark.md", text)
+    print(text)
+    return 1 if any("error" in s for s in results["sections"].values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

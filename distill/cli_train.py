@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from distill.errors import UserError
@@ -37,9 +38,14 @@ def run_train(args: argparse.Namespace) -> int:
     if args.quiet:
         cfg.trainer.enable_progress_bar = False
     _quiet_libraries()
+    from distill.guards import TrainingDiverged
     from distill.run import train
 
-    result = train(cfg, resume=args.resume)
+    try:
+        result = train(cfg, resume=args.resume)
+    except TrainingDiverged as exc:  # a failed run, not a bad input: one line, exit 1
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     if result.report:
         print(summary(result.report, result.run_dir))
     return 0

@@ -192,6 +192,7 @@ class QATConfig:
     freeze_observer_epoch: Optional[int] = None
     target: str = "onnxruntime"  # onnxruntime | tensorrt
     lr_scale: float = 0.1
+    float_fan_in_below: int = 16  # input convs with a smaller fan-in stay float (0: none)
 
 
 @dataclass
@@ -310,6 +311,13 @@ def load_recipe(recipe: str | Path | None = None, overrides: list[str] | None = 
         raise UserError(
             f"recipe {path}: bad value for '{_key_of(exc)}': {_one_line(exc)}"
         ) from None
+    # OmegaConf's merge keeps a default over a "???" in the file: find those first.
+    required = _missing_keys(OmegaConf.to_container(loaded, resolve=False))
+    given = {item.split("=", 1)[0].lstrip("+") for item in overrides}
+    for key in required:
+        if key not in given:
+            raise UserError(f"recipe {path}: missing required value for '{key}' "
+                            f"(give it as {key}=...)")
     try:
         dot = OmegaConf.from_dotlist(overrides)
     except (GrammarParseError, OmegaConfBaseException) as exc:
@@ -328,6 +336,14 @@ def load_recipe(recipe: str | Path | None = None, overrides: list[str] | None = 
         raise UserError(f"recipe {path}: {_one_line(exc)}") from None
     validate(cfg)
     return cfg
+
+
+def _missing_keys(node: Any, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [k for key, v in node.items() for k in _missing_keys(v, f"{prefix}{key}.")]
+    if isinstance(node, list):
+        return [k for i, v in enumerate(node) for k in _missing_keys(v, f"{prefix}{i}.")]
+    return [prefix[:-1]] if node == "???" else []
 
 
 def validate(cfg: DictConfig) -> None:
@@ -368,6 +384,16 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(f"'{key}' must be in (0, 1]; got {value}")
     if any(b < 1 for b in cfg.export.batch_sizes):
         raise UserError(f"'export.batch_sizes' must be >= 1; got {list(cfg.export.batch_sizes)}")
+    q = cfg.qat
+    if q.calib_batches < 1 or q.lr_scale <= 0 or q.float_fan_in_below < 0 or q.start_epoch < 0:
+        raise UserError(
+            "'qat' needs calib_batches >= 1, lr_scale > 0, float_fan_in_below >= 0 and "
+            f"start_epoch >= 0; got {q.calib_batches}, {q.lr_scale}, {q.float_fan_in_below}, "
+            f"{q.start_epoch}"
+        )
+    for key in ("freeze_bn_epoch", "freeze_observer_epoch"):
+        if q[key] is not None and q[key] < q.start_epoch:
+            raise UserError(f"'qat.{key}' ({q[key]}) is before 'qat.start_epoch' ({q.start_epoch})")
     devices = cfg.trainer.devices
     if isinstance(devices, int) and devices == 0:
         raise UserError("'trainer.devices' must be >= 1 or 'auto'; got 0")

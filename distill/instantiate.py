@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 from typing import Any
 
 from torch import nn
@@ -27,6 +29,9 @@ def import_class(target: str, expected: type, key: str) -> type:
         raise UserError(f"{key}._target_ must be a dotted import path like 'pkg.mod.Class'; "
                         f"got '{target}'")
     module_name, _, attr = target.rpartition(".")
+    cwd = os.getcwd()
+    if cwd not in sys.path:  # a user's own module in the working directory, as Hydra does
+        sys.path.append(cwd)
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or the module failed while importing

@@ -12,6 +12,7 @@ import logging
 import os
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,9 +112,12 @@ def build_callbacks(recipe: dict[str, Any], run_dir: Path, teacher_accuracy: flo
     """Callbacks in the order the design asks for: prune → QAT → export/measure → target stop."""
     from pytorch_lightning.callbacks import ModelCheckpoint
 
+    from distill.guards import NonFiniteLossGuard
+
     callbacks: list[Any] = [
         ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
                         save_on_train_epoch_end=False, enable_version_counter=False),
+        NonFiniteLossGuard(),
     ]
     prune = recipe["prune"]
     if prune["method"] != "none":
@@ -155,12 +159,15 @@ def _pruning_callback(prune: dict[str, Any]) -> Any:
     return UnstructuredPruning.from_config(prune)
 
 
-def _loggers(recipe: dict[str, Any], run_dir: Path) -> list[Any]:
+def _loggers(recipe: dict[str, Any], run_dir: Path, resume: bool = False,
+             rank_zero: bool = True) -> list[Any]:
     from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
     lg = recipe["logger"]
     loggers: list[Any] = []
     if lg["csv"]:
+        if resume and rank_zero:
+            _keep_previous_csv(run_dir)
         loggers.append(CSVLogger(save_dir=str(run_dir), name="", version=""))
     if lg["wandb"] and lg["mode"] != "disabled":
         os.environ.setdefault("WANDB_SILENT", "true")
@@ -168,8 +175,31 @@ def _loggers(recipe: dict[str, Any], run_dir: Path) -> list[Any]:
         loggers.append(WandbLogger(
             project=lg["project"], name=f"{recipe['name']}-{run_dir.name}",
             save_dir=str(run_dir), offline=lg["mode"] == "offline", config=recipe,
+            id=_wandb_run_id(run_dir, rank_zero), resume="allow",
         ))
     return loggers
+
+
+def _keep_previous_csv(run_dir: Path) -> None:
+    """Lightning's CSV logger deletes an existing ``metrics.csv``: keep it under a new name."""
+    csv = run_dir / "metrics.csv"
+    n = 1
+    while (run_dir / f"metrics.before-resume-{n}.csv").exists():
+        n += 1
+    if csv.is_file():
+        os.replace(csv, run_dir / f"metrics.before-resume-{n}.csv")
+
+
+def _wandb_run_id(run_dir: Path, rank_zero: bool) -> str | None:
+    """The run's W&B id, kept in the run directory so that ``--resume`` continues that run."""
+    path = run_dir / "wandb_run_id"
+    if path.is_file():
+        return path.read_text().strip() or None
+    if not rank_zero:  # only rank 0 logs to W&B
+        return None
+    run_id = uuid.uuid4().hex[:12]
+    atomic_write_text(path, run_id + "\n")
+    return run_id
 
 
 def train(cfg: DictConfig, resume: str | Path | None = None) -> RunResult:
@@ -211,6 +241,9 @@ def train(cfg: DictConfig, resume: str | Path | None = None) -> RunResult:
         from distill.teacher_cache import check_deterministic
 
         check_deterministic(dm.train_dataloader().dataset)
+    rank_zero = is_launch_rank_zero()
+    if not rank_zero:
+        _wait_for_teacher_cache(recipe)
     teacher, teacher_info = load_or_train_teacher(recipe, dm, in_ch, ncls)
     # The same student run whether the teacher was trained now or loaded from the cache.
     pl.seed_everything(recipe["seed"], workers=True, verbose=False)
@@ -222,18 +255,19 @@ def train(cfg: DictConfig, resume: str | Path | None = None) -> RunResult:
 
     # Everything the user gave has been checked: from here on the run directory exists.
     run_dir.mkdir(parents=True, exist_ok=True)
-    if resume is None:
+    if resume is None and rank_zero:
         atomic_write_text(run_dir / "recipe.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    from distill.report import measure_teacher
-
-    teacher_stats = measure_teacher(teacher, teacher_info, dm, example, run_dir, recipe)
+    teacher_stats = _measure_teacher(teacher, teacher_info, dm, example, run_dir, recipe,
+                                     rank_zero)
     callbacks = build_callbacks(recipe, run_dir, teacher_stats.get("accuracy"))
-    loggers = _loggers(recipe, run_dir)
+    loggers = _loggers(recipe, run_dir, resume=resume is not None, rank_zero=rank_zero)
     trainer = pl.Trainer(
         **_trainer_kwargs(recipe), callbacks=callbacks, logger=loggers or False,
         default_root_dir=str(run_dir), num_sanity_val_steps=0, enable_model_summary=False,
     )
     started = time.perf_counter()
+    # The DDP launcher re-runs this command for ranks > 0: they inherit the run directory.
+    os.environ[RUN_DIR_ENV] = str(run_dir.resolve())
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     fit_seconds = time.perf_counter() - started
     report: dict[str, Any] = {}
@@ -243,6 +277,41 @@ def train(cfg: DictConfig, resume: str | Path | None = None) -> RunResult:
         if hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
             logger.experiment.finish()
     return RunResult(run_dir=run_dir, report=report)
+
+
+def _measure_teacher(teacher: Any, info: dict[str, Any], dm: Any, example: Any, run_dir: Path,
+                     recipe: dict[str, Any], rank_zero: bool) -> dict[str, Any]:
+    """The teacher's numbers; ranks > 0 only need its accuracy (``TargetStop``), and score a
+    throw-away export so that only rank 0 writes into the run directory."""
+    from distill.report import measure_teacher
+
+    if rank_zero:
+        return measure_teacher(teacher, info, dm, example, run_dir, recipe)
+    quiet = {**recipe, "export": {**recipe["export"], "enabled": False}}  # no timing
+    with tempfile.TemporaryDirectory(prefix="distill-rank-") as tmp:
+        return measure_teacher(teacher, info, dm, example, Path(tmp), quiet)
+
+
+def _wait_for_teacher_cache(recipe: dict[str, Any], poll_s: float = 2.0) -> None:
+    """Ranks > 0 of a torchrun/srun launch wait for rank 0 to train and cache the teacher.
+
+    (Lightning's own launcher starts them after rank 0 has cached it: no wait then.) Without
+    this every rank would train its own teacher, possibly a different one on GPUs.
+    """
+    from distill.teacher import teacher_cache_key
+
+    t = recipe["teacher"]
+    if t.get("checkpoint"):
+        return
+    cache = Path(t["cache_dir"]).expanduser() / f"teacher-{teacher_cache_key(recipe)}.pt"
+    limit = float(os.environ.get("DISTILL_TEACHER_WAIT_S", "86400"))
+    deadline = time.monotonic() + limit
+    while not cache.is_file():
+        if time.monotonic() > deadline:
+            raise UserError(f"rank 0 did not cache the teacher at '{cache}' within {limit:g} s "
+                            "(on several nodes teacher.cache_dir must be a shared filesystem; "
+                            "or give teacher.checkpoint)")
+        time.sleep(poll_s)
 
 
 def deliver(trainer: Any, module: Any, recipe: dict[str, Any], run_dir: Path, dm: Any,

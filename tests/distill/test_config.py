@@ -6,7 +6,6 @@ from omegaconf import OmegaConf
 from distill.config import RecipeConfig, load_recipe, shipped_recipes
 from distill.errors import UserError
 
-
 NEEDS_DATA = {"cifar10_resnet": "data.root=/data/cifar", "image_folder": "data.root=/data/img"}
 
 

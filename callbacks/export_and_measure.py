@@ -154,6 +154,7 @@ class ExportAndMeasure(Callback):
 
             import_tensorrt()  # fail now, with the install hint, not after the first epoch
         self.rows: list[dict[str, Any]] = []
+        self.int8_min_top1 = 0.99
 
     # ----- Lightning plumbing ------------------------------------------------------------
     @property
@@ -246,7 +247,12 @@ class ExportAndMeasure(Callback):
                               provider=self.provider)
         row["parity_max_abs"] = float(parity["max_abs"])
         row["parity_top1"] = float(parity["top1_agreement"])
-        row["parity_ok"] = bool(parity["max_abs"] <= self.parity_atol)
+        if row["quantized"]:
+            # INT8 vs the fake-quant model differs by about one logit quantization step, so
+            # max-abs says little; what must hold is that they predict the same classes.
+            row["parity_ok"] = bool(parity["top1_agreement"] >= self.int8_min_top1)
+        else:
+            row["parity_ok"] = bool(parity["max_abs"] <= self.parity_atol)
         row["val_accuracy_onnx"] = float(
             evaluate_onnx(path, loader, threads=self.threads, provider=self.provider)
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -46,6 +47,15 @@ def run_train(args: argparse.Namespace) -> int:
     except TrainingDiverged as exc:  # a failed run, not a bad input: one line, exit 1
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        where = f" while writing '{exc.filename}'" if exc.filename else ""
+        print(f"error: no space left on device{where}; every file already under its final "
+              "name is complete (artifacts are written to a temporary name first); free "
+              "space, then rerun, or --resume RUN_DIR once it has checkpoints/last.ckpt",
+              file=sys.stderr)
+        return 1
     if result.report:
         print(summary(result.report, result.run_dir))
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from omegaconf import OmegaConf
@@ -17,6 +18,8 @@ def export_checkpoint(ckpt: Path, out: Path | None = None) -> Path:
     instantiation checks as a recipe file: a downloaded checkpoint is not trusted.
     """
     from distill.arch import reshape_to_state_dict
+    from distill.callbacks.qat import Int8Exporter, prepare_for_state_dict
+    from distill.data import first_batches
     from distill.config import RecipeConfig, validate
     from distill.export.onnx import export_onnx
     from distill.instantiate import build_datamodule, build_model_from_cfg
@@ -44,13 +47,24 @@ def export_checkpoint(ckpt: Path, out: Path | None = None) -> Path:
                                    "student")
     state = {k[len("student."):]: v for k, v in obj["state_dict"].items()
              if k.startswith("student.")}
-    reshape_to_state_dict(student, state)
+    example = torch.zeros(1, *[int(d) for d in dm.input_shape])
+    reshape_to_state_dict(student, state)  # a pruned student: shrink to the saved widths
+    holder = SimpleNamespace(student=student, example_input=example)
+    quantized = prepare_for_state_dict(holder, state, prefix="")  # a QAT student: re-prepare
+    student = holder.student
     try:
         student.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise UserError(f"checkpoint '{ckpt}' does not match its student: "
                         f"{str(exc).splitlines()[0]}") from None
-    example = torch.zeros(1, *[int(d) for d in dm.input_shape])
     out = out or ckpt.with_suffix(".onnx")
-    export_onnx(student, out, example)
+    if quantized:
+        # The INT8 export fills tensors it cannot map from QAT with calibration on train data.
+        if hasattr(dm, "prepare"):
+            dm.prepare()
+        calib = first_batches(dm.train_dataloader(), r["qat"]["calib_batches"])
+        Int8Exporter("qat", calib, target=r["qat"]["target"],
+                     float_fan_in_below=r["qat"].get("float_fan_in_below", 0))(student, out, example)
+    else:
+        export_onnx(student, out, example)
     return out

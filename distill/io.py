@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -60,3 +61,28 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
     return Path(dst)
+
+
+#: ``tempfile.mkstemp(prefix=".<name>.", suffix=<name's suffix>)``: 8 random characters between.
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}(?P<suffix>(?:\.[^.]*)?)$")
+
+
+def _is_temporary(path: Path) -> bool:
+    """Whether ``path`` is an :func:`atomic_path` temporary (``.<name>.<8 chars><suffix>``)."""
+    m = _TEMPORARY.match(path.name)
+    return bool(m) and m["suffix"] == Path(m["name"]).suffix and path.is_file()
+
+
+def remove_temporaries(root: str | os.PathLike) -> list[Path]:
+    """Delete what :func:`atomic_path` left behind in ``root`` (recursively) when a process was
+    killed mid-write (``SIGKILL`` skips its cleanup); returns the removed paths.
+
+    Only names of the exact temporary form are touched: the final artifacts, which are always
+    complete, stay.
+    """
+    removed = []
+    for path in sorted(Path(root).rglob(".*")):
+        if _is_temporary(path):
+            path.unlink()
+            removed.append(path)
+    return removed

@@ -13,6 +13,7 @@ import os
 import tempfile
 import time
 import uuid
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from distill.errors import UserError
-from distill.io import atomic_copy, atomic_write_text
+from distill.io import atomic_copy, atomic_write_text, remove_temporaries
 
 log = logging.getLogger("distill")
 
@@ -115,8 +116,12 @@ def build_callbacks(recipe: dict[str, Any], run_dir: Path, teacher_accuracy: flo
     from distill.guards import NonFiniteLossGuard
 
     callbacks: list[Any] = [
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
-                        save_on_train_epoch_end=False, enable_version_counter=False),
+        # `last.ckpt` after every validation, overwritten in place (Lightning writes it
+        # atomically): what --resume continues from. (save_last=True with save_top_k=0 would
+        # write it only when training ends, too late for a killed run.)
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None,
+                        save_top_k=1, save_last=False, save_on_train_epoch_end=False,
+                        enable_version_counter=False),
         NonFiniteLossGuard(),
     ]
     prune = recipe["prune"]
@@ -218,6 +223,7 @@ def train(cfg: DictConfig, resume: str | Path | None = None) -> RunResult:
         ckpt = run_dir / "checkpoints" / "last.ckpt"
         if not ckpt.is_file():
             raise UserError(f"--resume: no checkpoint to resume at '{ckpt}'")
+        _check_checkpoint(ckpt)
         ckpt_path = str(ckpt)
     else:
         run_dir = plan_run_dir(recipe)
@@ -257,6 +263,9 @@ def train(cfg: DictConfig, resume: str | Path | None = None) -> RunResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume is None and rank_zero:
         atomic_write_text(run_dir / "recipe.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    elif rank_zero:  # a killed run leaves half-written temporaries (never final names)
+        for path in remove_temporaries(run_dir):
+            log.info("removed the temporary file of an interrupted write: %s", path)
     teacher_stats = _measure_teacher(teacher, teacher_info, dm, example, run_dir, recipe,
                                      rank_zero)
     callbacks = build_callbacks(recipe, run_dir, teacher_stats.get("accuracy"))
@@ -267,8 +276,15 @@ def train(cfg: DictConfig, resume: str | Path | None = None) -> RunResult:
     )
     started = time.perf_counter()
     # The DDP launcher re-runs this command for ranks > 0: they inherit the run directory.
+    previous = os.environ.get(RUN_DIR_ENV)
     os.environ[RUN_DIR_ENV] = str(run_dir.resolve())
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    finally:
+        if previous is None:
+            os.environ.pop(RUN_DIR_ENV, None)
+        else:
+            os.environ[RUN_DIR_ENV] = previous
     fit_seconds = time.perf_counter() - started
     report: dict[str, Any] = {}
     if trainer.is_global_zero:
@@ -277,6 +293,22 @@ def train(cfg: DictConfig, resume: str | Path | None = None) -> RunResult:
         if hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
             logger.experiment.finish()
     return RunResult(run_dir=run_dir, report=report)
+
+
+def _check_checkpoint(ckpt: Path) -> None:
+    """Fail before anything is built (and the run directory touched) on a damaged checkpoint.
+
+    ``torch.save`` writes a zip archive: a truncated or overwritten file has no readable
+    directory or fails a member's CRC. Nothing is unpickled here.
+    """
+    try:
+        with zipfile.ZipFile(ckpt) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise UserError(f"--resume: checkpoint '{ckpt}' is damaged (truncated or not a torch "
+                        f"checkpoint: {exc})") from None
+    if bad is not None:
+        raise UserError(f"--resume: checkpoint '{ckpt}' is damaged (corrupted member '{bad}')")
 
 
 def _measure_teacher(teacher: Any, info: dict[str, Any], dm: Any, example: Any, run_dir: Path,

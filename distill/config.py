@@ -318,6 +318,11 @@ def load_recipe(recipe: str | Path | None = None, overrides: list[str] | None = 
         if key not in given:
             raise UserError(f"recipe {path}: missing required value for '{key}' "
                             f"(give it as {key}=...)")
+    for item in overrides:  # one at a time, so the error names the override that is wrong
+        try:
+            OmegaConf.from_dotlist([item])
+        except Exception as exc:  # GrammarParseError, yaml.ScannerError, ...
+            raise UserError(f"cannot parse override '{item}': {_one_line(exc)}") from None
     try:
         dot = OmegaConf.from_dotlist(overrides)
     except (GrammarParseError, OmegaConfBaseException) as exc:

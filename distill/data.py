@@ -10,7 +10,7 @@ Every data module exposes ``input_shape`` (C, H, W), ``num_classes``, ``class_na
 from __future__ import annotations
 
 import pickle
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +18,30 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from distill.errors import UserError
+
+
+class EpochSeededSampler(Sampler[int]):
+    """A random order that depends only on ``(seed, epoch)``.
+
+    Lightning calls ``set_epoch`` every epoch, so a run resumed at epoch ``e`` sees the same
+    batches as an uninterrupted one (a generator seeded once per fit would not).
+    """
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
 
 
 def _split_indices(
@@ -101,12 +122,12 @@ class _TensorDataModule(pl.LightningDataModule):
         return self._splits[split]
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        data = self.dataset(split)
         return DataLoader(
-            self.dataset(split),
+            data,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochSeededSampler(len(data), self.seed) if shuffle else None,
             num_workers=self.num_workers,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -107,4 +107,5 @@ def test_help_version_and_recipes(capsys):
     assert exc.value.code == 0 and "distill 0.1.0" in capsys.readouterr().out
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0].startswith("digits_kd") and "bundled digits" in out
+    names = [line.split()[0] for line in out.splitlines()]
+    assert "digits_kd" in names and "bundled digits" in out and names == sorted(names)

@@ -41,20 +41,30 @@ LOGGED = {
 }
 
 
-def weight_sparsity(model: nn.Module) -> float:
-    """Share of exactly-zero weights in the model's convolution and linear layers.
-
-    ``module.weight`` is read, so masks of ``torch.nn.utils.prune`` count. A graph module
-    without such layers (a ``torch.export``-ed student) falls back to every parameter with
-    two or more dimensions.
-    """
+def _weights(model: nn.Module) -> list[torch.Tensor]:
     layers = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
     weights = [m.weight for m in model.modules() if isinstance(m, layers)]
-    if not weights:
-        weights = [p for p in model.parameters() if p.dim() >= 2]
-    total = sum(w.numel() for w in weights)
-    zeros = sum(int((w == 0).sum()) for w in weights)
-    return zeros / total if total else 0.0
+    return weights or [p for p in model.parameters() if p.dim() >= 2]
+
+
+def weight_count(model: nn.Module) -> int:
+    """Number of convolution and linear weights (the base of ``weight_sparsity``)."""
+    return sum(w.numel() for w in _weights(model))
+
+
+def weight_sparsity(model: nn.Module, initial_weights: int | None = None) -> float:
+    """Share of the student's original conv/linear weights that are gone or exactly zero.
+
+    ``1 − nonzero / initial``: channels removed by structured pruning count as well as weights
+    zeroed by masks (``module.weight`` is read, so ``torch.nn.utils.prune`` masks count). A
+    graph module without such layers (a ``torch.export``-ed student) falls back to every
+    parameter with two or more dimensions. Without ``initial_weights`` the current total is
+    the base (zeros only).
+    """
+    weights = _weights(model)
+    nonzero = sum(int((w != 0).sum()) for w in weights)
+    total = initial_weights or sum(w.numel() for w in weights)
+    return max(0.0, 1.0 - nonzero / total) if total else 0.0
 
 
 def _count_macs(model: nn.Module, example: torch.Tensor) -> int | None:
@@ -155,6 +165,7 @@ class ExportAndMeasure(Callback):
             import_tensorrt()  # fail now, with the install hint, not after the first epoch
         self.rows: list[dict[str, Any]] = []
         self.int8_min_top1 = 0.99
+        self.initial_weights: int | None = None
 
     # ----- Lightning plumbing ------------------------------------------------------------
     @property
@@ -166,11 +177,16 @@ class ExportAndMeasure(Callback):
         if self.out_dir is None:
             self.out_dir = Path(trainer.default_root_dir)
 
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.initial_weights is None:  # a resumed run keeps the count of the original
+            self.initial_weights = weight_count(pl_module.student)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"rows": [dict(r) for r in self.rows]}
+        return {"rows": [dict(r) for r in self.rows], "initial_weights": self.initial_weights}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rows = [dict(r) for r in state_dict.get("rows", [])]
+        self.initial_weights = state_dict.get("initial_weights")
 
     @property
     def latest_row(self) -> dict[str, Any] | None:
@@ -241,7 +257,7 @@ class ExportAndMeasure(Callback):
         row["export_s"] = round(float(info.get("export_s", 0.0)), 3)
         row["quantized"] = bool(info.get("quantized")) or count_quant_nodes(path) > 0
         row["params"] = int(sum(p.numel() for p in student.parameters()))
-        row["sparsity"] = round(weight_sparsity(student), 6)
+        row["sparsity"] = round(weight_sparsity(student, self.initial_weights), 6)
         row["macs"] = _count_macs(student, example)
         parity = parity_check(student, path, first, threads=self.threads,
                               provider=self.provider)

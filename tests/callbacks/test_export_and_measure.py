@@ -129,6 +129,16 @@ def test_weight_sparsity_counts_zero_conv_and_linear_weights():
     assert weight_sparsity(model) == pytest.approx(model.fc.weight.numel() / total)
 
 
+def test_weight_sparsity_counts_removed_channels_against_the_original():
+    from distill.callbacks.export_and_measure import weight_count
+
+    big = ResNetCNN(1, 10, widths=(8, 16), blocks=1)
+    small = ResNetCNN(1, 10, widths=(4, 8), blocks=1)  # what halving every width leaves
+    expected = 1 - weight_count(small) / weight_count(big)
+    assert weight_sparsity(small, weight_count(big)) == pytest.approx(expected)
+    assert 0.6 < expected < 0.8  # halving channels removes ~3/4 of conv weights
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -19,8 +19,8 @@ def export_checkpoint(ckpt: Path, out: Path | None = None) -> Path:
     """
     from distill.arch import reshape_to_state_dict
     from distill.callbacks.qat import Int8Exporter, prepare_for_state_dict
-    from distill.data import first_batches
     from distill.config import RecipeConfig, validate
+    from distill.data import first_batches
     from distill.export.onnx import export_onnx
     from distill.instantiate import build_datamodule, build_model_from_cfg
 
@@ -63,8 +63,9 @@ def export_checkpoint(ckpt: Path, out: Path | None = None) -> Path:
         if hasattr(dm, "prepare"):
             dm.prepare()
         calib = first_batches(dm.train_dataloader(), r["qat"]["calib_batches"])
-        Int8Exporter("qat", calib, target=r["qat"]["target"],
-                     float_fan_in_below=r["qat"].get("float_fan_in_below", 0))(student, out, example)
+        exporter = Int8Exporter("qat", calib, target=r["qat"]["target"],
+                                float_fan_in_below=r["qat"].get("float_fan_in_below", 0))
+        exporter(student, out, example)
     else:
         export_onnx(student, out, example)
     return out

@@ -372,6 +372,11 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(
             f"'prune.end_epoch' ({p.end_epoch}) is before 'prune.start_epoch' ({p.start_epoch})"
         )
+    if p.method == "structured" and cfg.qat.mode == "qat" and p.end_epoch >= cfg.qat.start_epoch:
+        raise UserError(
+            f"'prune.end_epoch' ({p.end_epoch}) must be before 'qat.start_epoch' "
+            f"({cfg.qat.start_epoch}): prune first, then quantize"
+        )
     positive = {
         "data.batch_size": cfg.data.batch_size,
         "trainer.max_epochs": cfg.trainer.max_epochs,

@@ -274,6 +274,7 @@ def train(cfg: DictConfig, resume: str | Path | None = None) -> RunResult:
         **_trainer_kwargs(recipe), callbacks=callbacks, logger=loggers or False,
         default_root_dir=str(run_dir), num_sanity_val_steps=0, enable_model_summary=False,
     )
+    module.train()  # Lightning 2.6 does not switch a module left in eval mode back to train
     started = time.perf_counter()
     # The DDP launcher re-runs this command for ranks > 0: they inherit the run directory.
     previous = os.environ.get(RUN_DIR_ENV)

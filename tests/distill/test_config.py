@@ -51,6 +51,8 @@ def test_caller_config_is_not_mutated():
         (["prune.start_epoch=5", "prune.end_epoch=2"], r"'prune.end_epoch' \(2\) is before"),
         (["prune.schedule=quadratic"], r"'prune.schedule' must be one of constant"),
         (["trainer.devices=0"], r"'trainer.devices' must be >= 1"),
+        (["prune.method=structured", "qat.mode=qat", "qat.start_epoch=2", "prune.end_epoch=3"],
+         r"'prune.end_epoch' \(3\) must be before 'qat.start_epoch' \(2\): prune first"),
         (["name=../../x"], r"'name' must be a plain name"),
         (["seed"], r"override 'seed' is not of the form key=value"),
     ],

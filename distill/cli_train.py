@@ -75,6 +75,9 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     # torch.onnx warns about torchvision ops on every export; torchvision is not a dependency.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    # torchao reports its optional CUDA kernels missing on every import on a CPU machine.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def summary(report: dict, run_dir: Path) -> str:

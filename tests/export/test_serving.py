@@ -13,6 +13,9 @@ import time
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper
+
+from distill.errors import UserError
 from distill.export.serving import (
     BatchingServer,
     batch_ready,
@@ -23,19 +26,17 @@ from distill.export.serving import (
     serving_report,
     warmup,
 )
-from onnx import TensorProto, helper
-
-from distill.errors import UserError
 
 FEAT = 4
 
 
-def make_identity_onnx(path, batch: int | str = "batch", scalar_output: bool = False) -> str:
-    """``y = x`` and ``s = sum(x, axis=1)`` for ``x`` of shape (batch, FEAT)."""
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, FEAT])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, FEAT])
-    s = helper.make_tensor_value_info("s", TensorProto.FLOAT, [batch, 1] if not scalar_output
-                                      else [])
+def make_identity_onnx(path, batch: int | str = "batch", sample: tuple[int, ...] = (FEAT,),
+                       scalar_output: bool = False) -> str:
+    """``y = x`` and ``s = sum(x, axis=1)`` (a size-1 axis kept) for ``x`` of (batch, *sample)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, *sample])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, *sample])
+    s_shape = [] if scalar_output else [batch, 1, *sample[1:]]
+    s = helper.make_tensor_value_info("s", TensorProto.FLOAT, s_shape)
     axes = helper.make_tensor("axes", TensorProto.INT64, [1], [1])
     nodes = [helper.make_node("Identity", ["x"], ["y"])]
     if scalar_output:  # no batch axis: cannot be split per request
@@ -236,11 +237,29 @@ def test_serving_report_measures_three_strategies_on_one_schedule(ident):
     assert all(size <= 4 for r in runs.values() for size in r["batch_hist"])
 
 
+def test_serving_report_interleaves_rounds_and_merges_them(ident):
+    report = serving_report(ident, qps=300, duration_s=0.4, slo_p99_ms=500, max_batch=4,
+                            max_wait_ms=1, strategies=("none", "dynamic"), rounds=2)
+    assert report["rounds"] == 2 and list(report["strategies"]) == ["none", "dynamic"]
+    for r in report["strategies"].values():
+        assert r["rounds"] == 2
+        assert r["submitted"] == r["completed"] == 2 * 60  # two rounds of 0.2 s at 300 qps
+        assert sum(k * v for k, v in r["batch_hist"].items()) == 120
+    assert report["strategies"]["dynamic"]["max_wait_ms"] == 1.0
+    assert report["strategies"]["none"]["max_batch"] == 1
+
+
 def test_serving_report_rejects_bad_arguments(ident):
     with pytest.raises(UserError, match="qps must be > 0; got 0"):
         serving_report(ident, qps=0, duration_s=1, slo_p99_ms=10, max_batch=4, max_wait_ms=1)
     with pytest.raises(UserError, match="max_batch must be >= 1; got 0"):
         serving_report(ident, qps=10, duration_s=1, slo_p99_ms=10, max_batch=0, max_wait_ms=1)
+    with pytest.raises(UserError, match="rounds must be >= 1; got 0"):
+        serving_report(ident, qps=10, duration_s=1, slo_p99_ms=10, max_batch=4, max_wait_ms=1,
+                       rounds=0)
+    with pytest.raises(UserError, match=r"strategies must be among none, static, dynamic"):
+        serving_report(ident, qps=10, duration_s=1, slo_p99_ms=10, max_batch=4, max_wait_ms=1,
+                       strategies=("fast",))
 
 
 def test_open_session_errors_name_the_file(tmp_path):

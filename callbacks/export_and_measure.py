@@ -132,6 +132,7 @@ class ExportAndMeasure(Callback):
         val_loader_fn: Callable[[], Iterable] | None = None,
         opset: int = 20,
         tensorrt: bool = False,
+        exporter: str = "auto",
     ) -> None:
         sizes = list(batch_sizes)
         if not sizes or any(not isinstance(b, int) or b < 1 for b in sizes):
@@ -158,6 +159,7 @@ class ExportAndMeasure(Callback):
         self.parity_atol = parity_atol
         self.val_loader_fn = val_loader_fn
         self.opset = opset
+        self.exporter = exporter
         self.tensorrt = tensorrt
         if tensorrt:
             from distill.export.tensorrt import import_tensorrt
@@ -251,14 +253,17 @@ class ExportAndMeasure(Callback):
         if exporter is not None:
             info = exporter(student, path, example.detach().cpu()) or {}
         else:
-            info = export_onnx(student, path, example, opset=self.opset)
+            info = export_onnx(student, path, example, opset=self.opset, exporter=self.exporter)
         row["onnx"] = str(path)
         row["size_mb"] = round(path.stat().st_size / 2**20, 4)
         row["export_s"] = round(float(info.get("export_s", 0.0)), 3)
         row["quantized"] = bool(info.get("quantized")) or count_quant_nodes(path) > 0
         row["params"] = int(sum(p.numel() for p in student.parameters()))
         row["sparsity"] = round(weight_sparsity(student, self.initial_weights), 6)
-        row["macs"] = _count_macs(student, example)
+        row["macs"] = _count_macs(student, example) or None
+        prev = self.latest_row
+        if row["macs"] is None and prev and prev.get("params") == row["params"]:
+            row["macs"] = prev.get("macs")  # an exported (QAT) graph: same shapes as before
         parity = parity_check(student, path, first, threads=self.threads,
                               provider=self.provider)
         row["parity_max_abs"] = float(parity["max_abs"])

@@ -145,6 +145,8 @@ class ExportConfig:
     enabled: bool = True
     every_n_epochs: int = 1
     opset: int = 20
+    # auto: the fast legacy tracer for ordinary modules, dynamo for torch.export graphs (QAT)
+    exporter: str = "auto"  # auto | dynamo | torchscript
     provider: str = "cpu"  # cpu | cuda | tensorrt
     threads: int = 1
     batch_sizes: list[int] = field(default_factory=lambda: [1])
@@ -241,6 +243,7 @@ _CHOICES = {
     "optim.scheduler": ("cosine", "none"),
     "logger.mode": ("offline", "online", "disabled"),
     "export.provider": ("cpu", "cuda", "tensorrt"),
+    "export.exporter": ("auto", "dynamo", "torchscript"),
     "prune.method": ("none", "structured", "unstructured"),
     "prune.schedule": ("constant", "linear", "cubic", "exponential"),
     "prune.importance": ("l1", "l2", "bn_scale", "taylor"),

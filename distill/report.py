@@ -71,7 +71,7 @@ def measure_teacher(teacher: nn.Module, info: dict[str, Any], dm: Any, example: 
         atomic_copy(info["path"], path)
         params, macs = None, None
     else:
-        export_onnx(teacher, path, example)
+        export_onnx(teacher, path, example, exporter=recipe["export"]["exporter"])
         params, macs = count_params(teacher), count_macs(teacher, example)
     stats: dict[str, Any] = {
         "accuracy": round(float(evaluate_onnx(path, dm.val_dataloader(),
@@ -100,7 +100,8 @@ def final_student_stats(onnx_path: Path, module: Any, dm: Any, recipe: dict[str,
         "test_accuracy": round(float(evaluate_onnx(onnx_path, dm.test_dataloader(),
                                                    threads=threads)), 4),
         "params": (row or {}).get("params") or count_params(module.student),
-        "macs": (row or {}).get("macs") or count_macs(module.student, module.example_input),
+        "macs": (row or {}).get("macs") or count_macs(module.student, module.example_input)
+        or None,
         "size_mb": round(onnx_path.stat().st_size / 2**20, 4),
         "format": "onnx-int8-qdq" if quantized else "onnx-fp32",
         "epoch": (row or {}).get("epoch"),
@@ -244,6 +245,22 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{f(r['parity_max_abs'], '{:.2e}')} | {r['error'] or ''} |"
         )
     lines += ["", "![accuracy vs p99](pareto.png)", ""]
+    if report.get("serving"):
+        sv = report["serving"]
+        lines += ["## Serving check", "",
+                  f"Poisson arrivals at {sv['qps']} requests/s for {sv['duration_s']} s per "
+                  f"strategy, {sv['threads']} ORT thread(s); SLO p99 ≤ {sv['slo_p99_ms']} ms.", "",
+                  "| strategy | p50 ms | p95 ms | p99 ms | achieved qps | mean batch | SLO |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, r in sv["strategies"].items():
+            if r.get("skipped"):
+                lines.append(f"| {name} | skipped: {r['skipped']} | | | | | |")
+                continue
+            lines.append(
+                f"| {name} | {r.get('p50_ms')} | {r.get('p95_ms')} | {r.get('p99_ms')} | "
+                f"{r.get('achieved_qps')} | {r.get('mean_batch')} | "
+                f"{'met' if r.get('slo_met') else 'missed'} |")
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -140,7 +140,7 @@ def build_callbacks(recipe: dict[str, Any], run_dir: Path, teacher_accuracy: flo
             out_dir=run_dir, every_n_epochs=e["every_n_epochs"], batch_sizes=e["batch_sizes"],
             threads=e["threads"], provider=e["provider"], warmup=e["warmup"], iters=e["iters"],
             subprocess=e["subprocess"], parity_atol=e["parity_atol"], opset=e["opset"],
-            tensorrt=e["tensorrt"],
+            exporter=e["exporter"], tensorrt=e["tensorrt"],
         )
         t = recipe["targets"]
         callbacks += [
@@ -364,12 +364,16 @@ def deliver(trainer: Any, module: Any, recipe: dict[str, Any], run_dir: Path, dm
     else:
         from distill.export.onnx import export_onnx
 
-        export_onnx(module.student, student_onnx, module.example_input)
+        export_onnx(module.student, student_onnx, module.example_input,
+                    exporter=recipe["export"]["exporter"])
         if delivered is None and rows:
             reason = "no epoch exported successfully: the final student is delivered"
     student_stats = final_student_stats(student_onnx, module, dm, recipe, delivered)
+    serving = _serving_check(student_onnx, recipe, dm)
     report = build_report(recipe, teacher_stats, student_stats, rows, delivered, reason,
                           stopper, trainer, fit_seconds, input_spec(dm))
+    if serving is not None:
+        report["serving"] = serving
     write_report(run_dir, report, trainer)
     return report
 
@@ -383,3 +387,19 @@ def input_spec(dm: Any) -> dict[str, Any]:
         "preprocessing": dict(getattr(dm, "preprocessing", {}) or {}),
         "labels": list(getattr(dm, "class_names", []) or range(int(dm.num_classes))),
     }
+
+
+def _serving_check(onnx_path: Path, recipe: dict[str, Any], dm: Any) -> dict[str, Any] | None:
+    """The optional ``serving`` section: the delivered student under Poisson load."""
+    sv = recipe["serving"]
+    if not sv["enabled"]:
+        return None
+    import numpy as np
+
+    from distill.export.serving import serving_report
+
+    inputs = np.concatenate([b[0].numpy() for b in dm.val_dataloader()]).astype(np.float32)
+    return serving_report(onnx_path, qps=sv["qps"], duration_s=sv["duration_s"],
+                          slo_p99_ms=sv["slo_p99_ms"], max_batch=sv["max_batch"],
+                          max_wait_ms=sv["max_wait_ms"], threads=recipe["export"]["threads"],
+                          inputs=inputs, seed=recipe["seed"])

@@ -100,8 +100,15 @@ def export_onnx(
     example_input: torch.Tensor,
     opset: int = 20,
     dynamic_batch: bool = True,
+    exporter: str = "dynamo",
 ) -> dict[str, Any]:
-    """Export ``model`` to one self-contained ONNX file with the dynamo exporter.
+    """Export ``model`` to one self-contained ONNX file.
+
+    ``exporter``: ``dynamo`` (``torch.export``-based, the maintained one), ``torchscript``
+    (the legacy tracer: ~40x faster on small CNNs, 0.03 s vs 1.2 s for the default student,
+    which matters when every epoch is exported; deprecated upstream) or ``auto``
+    (``torchscript`` for an ordinary module, ``dynamo`` for a ``torch.fx.GraphModule`` such
+    as a QAT-prepared student, and ``dynamo`` whenever the tracer fails).
 
     A deep copy is exported on the CPU in ``eval()`` mode, without gradients (export bakes
     train/eval behaviour into the graph, and the caller's model is left untouched). The file
@@ -114,6 +121,7 @@ def export_onnx(
         example_input: One example batch, e.g. shape ``(1, C, H, W)``.
         opset: ONNX opset version.
         dynamic_batch: Make dimension 0 symbolic (``batch``) so any batch size runs.
+        exporter: ``dynamo``, ``torchscript`` or ``auto`` (see above).
 
     Returns:
         ``{path, size_mb, opset, input_name, input_shape, output_name, output_shape,
@@ -145,10 +153,19 @@ def export_onnx(
     }
     if dynamic_batch:
         kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch")},)
+    if exporter not in ("dynamo", "torchscript", "auto"):
+        raise ValueError(f"exporter must be dynamo, torchscript or auto; got '{exporter}'")
+    use_tracer = exporter == "torchscript" or (
+        exporter == "auto" and not isinstance(net, torch.fx.GraphModule))
     with atomic_path(path) as tmp:
         try:
-            with torch.no_grad():
-                torch.onnx.export(net, (example,), str(tmp), **kwargs)
+            used = "dynamo"
+            if use_tracer and _export_torchscript(net, example, tmp, opset, dynamic_batch,
+                                                  strict=exporter == "torchscript"):
+                used = "torchscript"
+            else:
+                with torch.no_grad():
+                    torch.onnx.export(net, (example,), str(tmp), **kwargs)
         except Exception as exc:
             hint = " (try dynamic_batch=False)" if dynamic_batch else ""
             raise RuntimeError(
@@ -176,8 +193,30 @@ def export_onnx(
         "output_name": graph.output[0].name,
         "output_shape": _onnx_shape(graph.output[0]),
         "dynamic_batch": dynamic_batch,
+        "exporter": used,
         "export_s": time.perf_counter() - start,
     }
+
+
+def _export_torchscript(net: nn.Module, example: torch.Tensor, path: Path, opset: int,
+                        dynamic_batch: bool, strict: bool) -> bool:
+    """The legacy tracer; returns False (``auto``: use dynamo) when it cannot export."""
+    import warnings
+
+    import torch
+
+    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # its deprecation notice, on every epoch
+            torch.onnx.export(net, (example,), str(path), dynamo=False,
+                              opset_version=min(opset, 20), input_names=[INPUT_NAME],
+                              output_names=[OUTPUT_NAME], dynamic_axes=axes)
+        return True
+    except Exception:
+        if strict:
+            raise
+        return False
 
 
 def _onnx_shape(value_info: Any) -> list[int | str]:

@@ -85,13 +85,20 @@ def test_reachable_targets_stop_early_and_deliver_that_epoch(tmp_path, teacher_c
 
 def test_unreachable_p99_runs_to_the_end_and_says_so(tmp_path, teacher_ckpt):
     code, run = _train(tmp_path, teacher_ckpt, "trainer.max_epochs=2", "targets.p99_ms=0.000001",
-                       "logger.wandb=false")
+                       "logger.wandb=false", "serving.enabled=true", "serving.qps=100",
+                       "serving.duration_s=0.5", "serving.max_batch=4")
     assert code == 0
     report = json.loads((run / "report.json").read_text())
     assert not report["targets"]["met"] and report["targets"]["met_at_epoch"] is None
     assert [r["epoch"] for r in report["epochs"]] == [0, 1]
     assert "not met" in (run / "report.md").read_text()
     assert report["delivered"]["epoch"] in (0, 1) and report["delivered"]["reason"]
+    # the optional serving section: the delivered student under Poisson load, three strategies
+    strategies = report["serving"]["strategies"]
+    assert set(strategies) == {"none", "static", "dynamic"}
+    assert all(s["completed"] > 0 and s["p50_ms"] <= s["p99_ms"] for s in strategies.values())
+    assert max(int(k) for k in strategies["dynamic"]["batch_hist"]) <= 4
+    assert "## Serving check" in (run / "report.md").read_text()
 
 
 def test_export_of_checkpoint(tmp_path, teacher_ckpt, capsys):

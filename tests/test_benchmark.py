@@ -1,0 +1,40 @@
+"""`scripts/benchmark.py --quick`: every section runs and reports sane, structured numbers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.timeout(900)
+def test_benchmark_quick_runs_every_section(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # teacher cache and outputs stay in the test's folder
+    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    code = bench.main(["--quick", "--out", str(tmp_path / "out")])
+    results = json.loads((tmp_path / "out" / "benchmark.json").read_text())
+    errors = {k: s["error"] for k, s in results["sections"].items() if "error" in s}
+    assert code == 0 and not errors, errors
+    s = {k: v["result"] for k, v in results["sections"].items()}
+    assert set(s) == set("abcdefg")
+    assert s["a"]["hand_written_sps"] > 0 and s["a"]["distill_sps"] > 0 and s["a"]["ratio"] > 0
+    assert s["b"]["on_sps"] > 0 and s["b"]["off_sps"] > 0
+    assert 0 < s["c"]["share"] and s["c"]["epochs"] >= 1
+    assert {"scratch", "kd", "teacher"} <= set(s["d"])
+    assert all(0 <= r["val"] <= 1 for r in s["d"]["kd"] + s["d"]["scratch"])
+    rows = s["e"]["rows"]
+    assert {"fp32", "ours ptq", "ours qat"} <= set(rows)
+    assert rows["ours qat"]["size_mb"] < rows["fp32"]["size_mb"]
+    assert rows["ours qat"]["float_compute"] <= 1 < rows["fp32"]["float_compute"]
+    assert len(s["f"]) >= 2
+    g = s["g"]
+    assert g["student"]["params"] < g["teacher"]["params"]
+    assert g["student"]["format"] == "onnx-int8-qdq"
+    md = (tmp_path / "out" / "benchmark.md").read_text()
+    assert "## a. framework overhead" in md and "## g. end to end" in md

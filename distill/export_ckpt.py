@@ -23,15 +23,9 @@ def export_checkpoint(ckpt: Path, out: Path | None = None) -> Path:
     from distill.data import first_batches
     from distill.export.onnx import export_onnx
     from distill.instantiate import build_datamodule, build_model_from_cfg
+    from distill.io import load_torch_file
 
-    if not ckpt.is_file():
-        raise UserError(f"checkpoint not found: '{ckpt}'")
-    try:
-        obj = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"checkpoint '{ckpt}' cannot be read (corrupted or not a torch file): "
-                        f"{first}") from None
+    obj = load_torch_file(ckpt, "checkpoint")
     hp = obj.get("hyper_parameters", {}) if isinstance(obj, dict) else {}
     recipe = hp.get("recipe")
     if not isinstance(recipe, dict) or "state_dict" not in obj:

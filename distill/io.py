@@ -86,3 +86,24 @@ def remove_temporaries(root: str | os.PathLike) -> list[Path]:
             path.unlink()
             removed.append(path)
     return removed
+
+
+def load_torch_file(path: str | os.PathLike, what: str) -> Any:
+    """``torch.load(weights_only=True)`` with a one-line ``UserError`` when it fails.
+
+    ``weights_only`` means a checkpoint (downloaded, say) cannot run code when loaded.
+    """
+    import torch
+
+    from distill.errors import UserError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: '{path}'")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        text = str(exc).strip()
+        first = text.splitlines()[0][:160] if text else type(exc).__name__
+        raise UserError(f"{what} '{path}' cannot be read (corrupted or not a torch file): "
+                        f"{first}") from None

@@ -19,7 +19,7 @@ from torch import nn
 
 from distill.errors import UserError
 from distill.instantiate import build_model_from_cfg
-from distill.io import atomic_path
+from distill.io import atomic_path, load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +79,7 @@ def read_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
 
     Loads with ``weights_only=True``: a checkpoint cannot run code when loaded.
     """
-    if not path.is_file():
-        raise UserError(f"{what} not found: '{path}'")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{what} '{path}' cannot be read (corrupted or not a torch file): "
-                        f"{first}") from None
+    obj = load_torch_file(path, what)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -233,6 +233,62 @@ def sections(quick: bool, tmp: Path) -> dict[str, Any]:
     }
 
 
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "—" if v is None else str(v)
+
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *["| " + " | ".join(cell(v) for v in r) + " |" for r in rows], ""]
+
+
+def _mean_std(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.mean(values):.2f} ± {100 * sd:.2f}"
+
+
+def render_section(key: str, r: Any) -> list[str]:
+    """One section's result as a markdown table."""
+    if key == "a":
+        return _table(["loop", "samples/s"], [["hand-written PyTorch KD", r["hand_written_sps"]],
+                                              ["distill (Lightning)", r["distill_sps"]],
+                                              ["ratio distill / hand-written", r["ratio"]]])
+    if key == "b":
+        return _table(["teacher outputs", "samples/s (epochs ≥ 1)", "whole run s"],
+                      [["computed every step", r["off_sps"], r["total_s_off"]],
+                       ["cached (offline KD)", r["on_sps"], r["total_s_on"]],
+                       ["speed-up", r["speedup"], r["speedup_whole_run"]]])
+    if key == "c":
+        return _table(["epochs", "export s", "export+parity+ORT accuracy+latency s",
+                       "epoch s (train+val)", "share of epoch"],
+                      [[r["epochs"], r["export_s"], r["measure_s"], r["epoch_s"], r["share"]]])
+    if key == "d":
+        return _table(["student", "val accuracy %", "test accuracy %"],
+                      [[m, _mean_std([x["val"] for x in r[m]]),
+                        _mean_std([x["test"] for x in r[m]])] for m in ("scratch", "kd")]
+                      + [["teacher", f"{100 * r['teacher']['accuracy']:.2f}", "—"]])
+    if key == "e":
+        rows = r["rows"]
+        return _table(["model", "accuracy %", "p50 ms", "p99 ms", "size MB", "float Conv/Gemm",
+                       "int8 ops"],
+                      [[n, 100 * v["accuracy"], v["p50"], v["p99"], v["size_mb"],
+                        v["float_compute"], v["int8_compute"]] for n, v in rows.items()])
+    if key == "f":
+        return _table(["variant", "test accuracy %", "params", "MACs", "p50 ms", "p99 ms"],
+                      [[n, 100 * v["accuracy"], v["params"], v["macs"], v["p50"], v["p99"]]
+                       for n, v in r.items()])
+    if key == "g":
+        t, s = r["teacher"], r["student"]
+        cols = ["accuracy", "p50", "p99", "size_mb", "params", "macs", "format"]
+        return _table(["model", *cols], [["teacher", *[t.get(c) for c in cols]],
+                                         ["student (delivered)", *[s.get(c) for c in cols]]]) + [
+            f"speed-up p99 {r['speedup_p99']}×, accuracy drop {r['accuracy_drop']} points, "
+            f"targets met: {r['targets_met']} (epoch {r.get('met_at_epoch')}), "
+            f"{r['epochs']} epochs.", ""]
+    return ["```json", json.dumps(r, indent=1, default=str), "```", ""]
+
+
 def render(results: dict[str, Any]) -> str:
     env = results["environment"]
     lines = [f"# distill benchmark{' (quick: numbers not meaningful)' if results['quick'] else ''}",
@@ -245,7 +301,10 @@ def render(results: dict[str, Any]) -> str:
         if "error" in sec:
             lines += [f"failed: {sec['error']}", ""]
             continue
-        lines += ["```json", json.dumps(sec["result"], indent=1, default=str)[:4000], "```", ""]
+        try:
+            lines += render_section(key, sec["result"])
+        except (KeyError, TypeError, ValueError):  # a script changed its output: show it raw
+            lines += ["```json", json.dumps(sec["result"], indent=1, default=str), "```", ""]
     return "\n".join(lines)
 
 

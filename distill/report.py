@@ -286,8 +286,11 @@ def plot_pareto(report: dict[str, Any], path: Path) -> Path | None:
     tg = report["targets"]
     if tg.get("p99_ms"):
         ax.axvline(tg["p99_ms"], ls="--", color="gray", label="p99 target")
-    if tg.get("accuracy"):
-        ax.axhline(tg["accuracy"], ls=":", color="gray", label="accuracy target")
+    floor = tg.get("accuracy")
+    if floor is None and tg.get("max_accuracy_drop") is not None:
+        floor = t["accuracy"] - tg["max_accuracy_drop"] / 100  # the drop is in points
+    if floor is not None:
+        ax.axhline(floor, ls=":", color="gray", label="accuracy target")
     ax.set_xlabel("p99 latency, ms (ONNX Runtime, batch 1)")
     ax.set_ylabel("validation accuracy (exported model)")
     ax.set_title(f"{report['name']}: accuracy vs p99")

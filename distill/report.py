@@ -384,3 +384,14 @@ def _log_to_wandb(trainer: Any, report: dict[str, Any], run_dir: Path) -> None:
         summary["targets/met"] = report["targets"]["met"]
         summary["speedup_p99"] = report["speedup_p99"]
         summary["accuracy_drop"] = report["accuracy_drop"]
+        # The delivered model as a W&B model artifact: uploaded online; offline it is staged
+        # under WANDB_DATA_DIR (the run directory's wandb-data/) until `wandb sync`.
+        import wandb
+
+        artifact = wandb.Artifact(f"{report['name']}-student", type="model",
+                                  metadata={"accuracy": report["student"]["accuracy"],
+                                            "latency_ms": report["student"].get("latency_ms"),
+                                            "format": report["student"]["format"]})
+        artifact.add_file(str(run_dir / "student.onnx"), name="student.onnx")
+        artifact.add_file(str(run_dir / "report.json"), name="report.json")
+        logger.experiment.log_artifact(artifact, aliases=["latest", "delivered"])

@@ -81,6 +81,7 @@ def test_reachable_targets_stop_early_and_deliver_that_epoch(tmp_path, teacher_c
     assert b"student/accuracy" in blob and b"speedup_p99" in blob  # the summary
     assert b"temperature" in blob and b"max_epochs" in blob  # the recipe as the run's config
     assert list((wandb_run / "files" / "media" / "table").glob("epochs_*.table.json"))
+    assert b"digits_kd-student" in blob  # the delivered ONNX logged as a model artifact
 
 
 def test_unreachable_p99_runs_to_the_end_and_says_so(tmp_path, teacher_ckpt):

@@ -302,6 +302,10 @@ def plot_pareto(report: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
+def _or_dash(value: Any) -> str:
+    return "—" if value is None else str(value)
+
+
 def render_model_card(report: dict[str, Any]) -> str:
     """``MODEL_CARD.md``: what a serving team needs to know about ``student.onnx``."""
     s, t, tg, env, inp = (report["student"], report["teacher"], report["targets"],
@@ -337,8 +341,9 @@ def render_model_card(report: dict[str, Any]) -> str:
         f"{report['speedup_p99']}×.",
         f"- Machine: {env['cpu']} ({env.get('cores')} cores), {env['provider']} provider, "
         f"{env['threads']} intra-op thread(s), ONNX Runtime {env['onnxruntime']}.",
-        f"- Targets: accuracy {tg['accuracy']}, max drop {tg['max_accuracy_drop']}, p99 "
-        f"{tg['p99_ms']} ms, size {tg['size_mb']} MB: "
+        f"- Targets: accuracy {_or_dash(tg['accuracy'])}, max drop "
+        f"{_or_dash(tg['max_accuracy_drop'])} points, p99 {_or_dash(tg['p99_ms'])} ms, size "
+        f"{_or_dash(tg['size_mb'])} MB: "
         + (f"met at epoch {tg['met_at_epoch']}." if tg["met"] else "not met."),
         "",
         "## How it was produced",

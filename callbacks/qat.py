@@ -470,6 +470,13 @@ class QuantizationAwareTraining(pl.Callback):
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         old_params = dict(pl_module.named_parameters())
         example = pl_module.example_input.to(pl_module.device)
+        if trainer.is_global_zero and self.mode == "qat":
+            # The final FP32 student (after distillation and pruning), kept beside the INT8
+            # student.onnx that the run delivers: the reference for accuracy and latency.
+            from distill.export.onnx import export_onnx
+
+            export_onnx(pl_module.student, Path(trainer.default_root_dir) / "student_fp32.onnx",
+                        pl_module.example_input, exporter="auto")
         pl_module.student = prepare_qat(pl_module.student, example)
         pl_module.feature_hooks_enabled = False  # the graph has no callable named layers
         _rebuild_optimizers(trainer, pl_module, old_params, self.lr_scale)

@@ -368,6 +368,15 @@ def deliver(trainer: Any, module: Any, recipe: dict[str, Any], run_dir: Path, dm
                     exporter=recipe["export"]["exporter"])
         if delivered is None and rows:
             reason = "no epoch exported successfully: the final student is delivered"
+    import torch
+
+    fp32 = run_dir / "student_fp32.onnx"
+    if (delivered or {}).get("quantized") and not fp32.exists() and not isinstance(
+            module.student, torch.fx.GraphModule):  # PTQ: the student itself is still FP32
+        from distill.export.onnx import export_onnx
+
+        export_onnx(module.student, fp32, module.example_input,
+                    exporter=recipe["export"]["exporter"])
     student_stats = final_student_stats(student_onnx, module, dm, recipe, delivered)
     serving = _serving_check(student_onnx, recipe, dm)
     report = build_report(recipe, teacher_stats, student_stats, rows, delivered, reason,

@@ -203,7 +203,8 @@ def section_end_to_end(quick: bool, tmp: Path) -> dict[str, Any]:
             "targets_met": rep["targets"]["met"], "epochs": len(rep["epochs"]),
             "met_at_epoch": rep["targets"]["met_at_epoch"],
             "pruned_epochs": sum(1 for r in rep["epochs"] if (r.get("sparsity") or 0) > 0),
-            "quantized_epochs": sum(1 for r in rep["epochs"] if r.get("quantized"))}
+            "quantized_epochs": sum(1 for r in rep["epochs"] if r.get("quantized")),
+            "fp32_kept": (tmp / "full" / "student_fp32.onnx").is_file()}
 
 
 # ----- d/e/f: the dedicated scripts ----------------------------------------------------------

@@ -36,5 +36,6 @@ def test_benchmark_quick_runs_every_section(tmp_path, monkeypatch):
     g = s["g"]
     assert g["student"]["params"] < g["teacher"]["params"]
     assert g["pruned_epochs"] >= 1 and g["quantized_epochs"] >= 1  # KD -> prune -> QAT ran
+    assert g["fp32_kept"]  # student_fp32.onnx beside the INT8 student
     md = (tmp_path / "out" / "benchmark.md").read_text()
     assert "## a. framework overhead" in md and "## g. end to end" in md

@@ -44,7 +44,8 @@ def export_checkpoint(ckpt: Path, out: Path | None = None) -> Path:
     example = torch.zeros(1, *[int(d) for d in dm.input_shape])
     reshape_to_state_dict(student, state)  # a pruned student: shrink to the saved widths
     holder = SimpleNamespace(student=student, example_input=example)
-    quantized = prepare_for_state_dict(holder, state, prefix="")  # a QAT student: re-prepare
+    # a QAT student: re-prepare (it looks for "student.*" observer keys of the full state_dict)
+    quantized = prepare_for_state_dict(holder, obj["state_dict"], prefix="")
     student = holder.student
     try:
         student.load_state_dict(state, strict=True)

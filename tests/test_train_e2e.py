@@ -115,3 +115,25 @@ def test_export_of_checkpoint(tmp_path, teacher_ckpt, capsys):
     student.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("student.")})
     expected = student.eval()(torch.from_numpy(x)).detach().numpy()
     np.testing.assert_allclose(sess.run(None, {"input": x})[0], expected, atol=1e-4)
+
+
+def test_export_of_a_qat_checkpoint_gives_the_int8_model(tmp_path, teacher_ckpt):
+    code, run = _train(tmp_path, teacher_ckpt, "trainer.max_epochs=2", "logger.wandb=false",
+                       "qat.mode=qat", "qat.start_epoch=1", "qat.calib_batches=2",
+                       "qat.float_fan_in_below=0", "targets.p99_ms=null",
+                       "targets.max_accuracy_drop=null")
+    assert code == 0
+    report = json.loads((run / "report.json").read_text())
+    assert report["epochs"][-1]["quantized"] and not report["epochs"][0]["quantized"]
+    assert (run / "student_fp32.onnx").is_file()
+    out = tmp_path / "from_ckpt.onnx"
+    assert main(["export", str(run / "checkpoints" / "last.ckpt"), "--out", str(out)]) == 0
+    from distill.export.onnx import count_quant_nodes
+
+    assert count_quant_nodes(out) > 0  # INT8 Q/DQ, not a float graph
+    x = np.random.default_rng(1).normal(size=(16, 1, 8, 8)).astype(np.float32)
+    preds = []
+    for path in (out, run / report["epochs"][-1]["onnx"]):
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        preds.append(sess.run(None, {"input": x})[0].argmax(1))
+    assert (preds[0] == preds[1]).mean() >= 0.9  # the same model as the run's last INT8 epoch

@@ -20,6 +20,7 @@ from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from distill.arch import count_macs
 from distill.errors import UserError
 from distill.export.latency import measure_latency
 from distill.export.onnx import (
@@ -65,22 +66,6 @@ def weight_sparsity(model: nn.Module, initial_weights: int | None = None) -> flo
     nonzero = sum(int((w != 0).sum()) for w in weights)
     total = initial_weights or sum(w.numel() for w in weights)
     return max(0.0, 1.0 - nonzero / total) if total else 0.0
-
-
-def _count_macs(model: nn.Module, example: torch.Tensor) -> int | None:
-    try:
-        import torch_pruning as tp
-
-        with eval_mode(model), torch.no_grad():
-            macs, _ = tp.utils.count_ops_and_params(model, example.to(_device(model)))
-        return int(macs)
-    except Exception:  # an exported graph module, an unusual layer: MACs are optional
-        return None
-
-
-def _device(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -260,7 +245,7 @@ class ExportAndMeasure(Callback):
         row["quantized"] = bool(info.get("quantized")) or count_quant_nodes(path) > 0
         row["params"] = int(sum(p.numel() for p in student.parameters()))
         row["sparsity"] = round(weight_sparsity(student, self.initial_weights), 6)
-        row["macs"] = _count_macs(student, example) or None
+        row["macs"] = count_macs(student, example) or None
         prev = self.latest_row
         if row["macs"] is None and prev and prev.get("params") == row["params"]:
             row["macs"] = prev.get("macs")  # an exported (QAT) graph: same shapes as before

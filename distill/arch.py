@@ -378,6 +378,23 @@ def count_macs_params(model: nn.Module, example_input: torch.Tensor) -> tuple[in
     return int(macs), int(params)
 
 
+def count_macs(model: nn.Module, example_input: torch.Tensor) -> int | None:
+    """MACs of one forward pass in eval mode, or ``None`` where they cannot be counted.
+
+    Optional by design: an exported graph module (a QAT-prepared student) or an unusual layer
+    must not fail a report or an epoch row. Every submodule's own train/eval mode is restored.
+    """
+    from distill.export.onnx import eval_mode
+
+    try:
+        p = next(iter(model.parameters()), None)
+        device = p.device if p is not None else torch.device("cpu")
+        with eval_mode(model), torch.no_grad():
+            return count_macs_params(model, example_input.to(device))[0]
+    except Exception:
+        return None
+
+
 def fold_prune_masks(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Replace ``torch.nn.utils.prune``'s ``X_orig`` / ``X_mask`` pairs by plain ``X = orig *
     mask``, so a checkpoint saved mid-pruning loads into a freshly built model."""

@@ -110,6 +110,10 @@ def test_kill_9_mid_export_then_resume_equals_an_uninterrupted_run(tmp_path, tea
     script.write_text(KILLER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
     env.pop("DISTILL_RUN_DIR", None)
+    # W&B keeps its service address in WANDB_SERVICE once this process has started one (an
+    # earlier test): a child inheriting it registers its run in *our* service, and after the
+    # kill -9 that run id stays "in use" there, so the resume below would be refused.
+    env.pop("WANDB_SERVICE", None)
     # The run to kill goes in the background while the reference runs here (2 cores).
     proc = subprocess.Popen([sys.executable, str(script), *run_args(teacher_pt, killed)],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE,

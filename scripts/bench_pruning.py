@@ -12,7 +12,7 @@ reported). Accuracy is top-1 of the ONNX file on the test split. Usage:
                                     [--iters 300] [--json F]
 
 Acceptance (printed under the table): 50% channel pruning at least halves params and MACs,
-ORT p50 >= 1.8x faster than the unpruned student, accuracy within 0.5 points after
+ORT p50 >= 1.8x faster than the unpruned student, accuracy at most 0.5 points below it after
 fine-tuning; the unstructured 50% row shows no dense speed-up.
 """
 
@@ -130,8 +130,9 @@ def acceptance(rows: dict[str, dict[str, Any]]) -> list[tuple[str, bool]]:
          half["macs"] <= 0.5 * ref["macs"]),
         (f"50% channels: p50 {ref['p50'] / half['p50']:.2f}x faster (>= 1.8x)",
          ref["p50"] / half["p50"] >= 1.8),
+        # One-sided: a pruned student that scores higher than the unpruned one passes.
         (f"50% channels: accuracy {100 * (half['accuracy'] - ref['accuracy']):+.2f} pts "
-         "(within 0.5)", abs(half["accuracy"] - ref["accuracy"]) <= 0.005),
+         "(loses <= 0.5)", half["accuracy"] - ref["accuracy"] >= -0.005),
     ]
     unstructured = rows.get("unstructured 50%")
     if unstructured is not None:

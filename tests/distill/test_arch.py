@@ -43,8 +43,10 @@ def test_pruned_state_dict_loads_strict_into_a_fresh_build():
     assert "stem.0" in changed and "fc" in changed and "stem.1" in changed
     fresh.load_state_dict(state, strict=True)
     fresh.eval()
-    assert fresh.stem[0].out_channels == 8 and fresh.stem[1].num_features == 8
-    assert (fresh.fc.in_features, fresh.fc.out_features) == (32, 10)
+    full = build_model("resnet_student", 1, 10)  # half of every width survives
+    half_stem, half_last = full.stem[0].out_channels // 2, full.fc.in_features // 2
+    assert fresh.stem[0].out_channels == half_stem and fresh.stem[1].num_features == half_stem
+    assert (fresh.fc.in_features, fresh.fc.out_features) == (half_last, 10)
     assert torch.equal(fresh(X), pruned(X))
     assert count_macs_params(fresh, X[:1]) == count_macs_params(pruned, X[:1])
 

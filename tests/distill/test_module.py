@@ -137,3 +137,46 @@ def test_teacher_cache_refuses_changed_samples_and_feature_terms():
     with pytest.raises(ValueError, match="caches logits only"):
         DistillationModule(s, t2, 10, torch.zeros(1, 1, 16, 16),
                            distill={**FEATURE, "cache_teacher": True})
+
+
+def test_epoch_metrics_are_the_weighted_means_of_the_steps(digits, tmp_path):
+    from pytorch_lightning.loggers import CSVLogger
+
+    s, t = _pair()
+    m = DistillationModule(s, t, 10, torch.zeros(1, 1, 16, 16),
+                           distill={"kd": {"weight": 1.0, "temperature": 4.0}})
+    seen = []  # (batch size, loss, correct) of every step, recomputed outside the module
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            x, y = batch
+            seen.append((len(y), float(outputs["loss"]), int((module._last_pred == y).sum())))
+
+    real = m._losses
+
+    def losses(x, y):
+        total, terms, logits = real(x, y)
+        m._last_pred = logits.argmax(1)
+        return total, terms, logits
+
+    m._losses = losses
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=5, limit_val_batches=0,
+                         logger=CSVLogger(tmp_path), log_every_n_steps=2, callbacks=[Spy()],
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(m, datamodule=digits)
+    n = sum(b for b, _, _ in seen)
+    loss = sum(b * v for b, v, _ in seen) / n
+    acc = sum(c for _, _, c in seen) / n
+    got = trainer.callback_metrics
+    assert float(got["train/loss"]) == pytest.approx(loss, rel=1e-5)
+    assert float(got["train/accuracy"]) == pytest.approx(acc, abs=1e-6)
+    assert {"train/task", "train/kd"} <= set(got)
+    # per-step rows reach the logger at its cadence (steps 2 and 4), not at every step
+    import csv
+
+    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    steps = [int(r["step"]) for r in rows if r.get("train/loss_step")]
+    assert steps == [1, 3]
+    assert [float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")] == \
+        pytest.approx([seen[1][1], seen[3][1]], rel=1e-5)

@@ -100,6 +100,8 @@ def final_student_stats(onnx_path: Path, module: Any, dm: Any, recipe: dict[str,
 def environment(recipe: dict[str, Any]) -> dict[str, Any]:
     import onnxruntime as ort
 
+    from distill.perf import allocator_tuned
+
     return {
         "distill": distill.__version__,
         "git_commit": _git_commit(),
@@ -110,6 +112,7 @@ def environment(recipe: dict[str, Any]) -> dict[str, Any]:
         "cpu": _cpu_name(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
+        "malloc": "tuned" if allocator_tuned() else "system",
     }
 
 

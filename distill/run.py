@@ -213,8 +213,10 @@ def train(cfg: DictConfig, resume: str | Path | None = None) -> RunResult:
 
     from distill.instantiate import build_datamodule, build_model_from_cfg
     from distill.module import DistillationModule
+    from distill.perf import tune_allocator
     from distill.teacher import load_or_train_teacher
 
+    tune_allocator()
     recipe = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(recipe, dict)
     ckpt_path = None

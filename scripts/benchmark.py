@@ -46,11 +46,13 @@ def environment() -> dict[str, Any]:
     import pytorch_lightning as pl
     import torch
 
+    from distill.perf import allocator_tuned
     from distill.report import _cpu_name
 
     return {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "onnxruntime": ort.__version__,
-            "lightning": pl.__version__, "python": platform.python_version()}
+            "lightning": pl.__version__, "python": platform.python_version(),
+            "malloc": "tuned" if allocator_tuned() else "system"}
 
 
 # ----- a/b: training throughput --------------------------------------------------------------
@@ -73,33 +75,41 @@ def _models(quick: bool) -> tuple[Any, Any, Any, Any]:
     return dm, teacher.eval().requires_grad_(False), student, torch.zeros(1, 1, size, size)
 
 
-def hand_written_epochs(dm: Any, teacher: Any, student: Any, epochs: int) -> list[float]:
+class HandWrittenKD:
     """The reference: a minimal PyTorch KD loop (same loss, optimizer, data, batch size)."""
-    import torch
-    import torch.nn.functional as F
 
-    from distill.losses import kd_loss
+    def __init__(self, dm: Any, teacher: Any, student: Any) -> None:
+        import torch
 
-    opt = torch.optim.AdamW(student.parameters(), lr=3e-3, weight_decay=1e-4)
-    student.train()
-    times = []
-    for _ in range(epochs):
+        self.dm, self.teacher, self.student = dm, teacher, student
+        self.opt = torch.optim.AdamW(student.parameters(), lr=3e-3, weight_decay=1e-4)
+
+    def epoch(self) -> float:
+        """One training epoch; returns its seconds."""
+        import torch
+        import torch.nn.functional as F
+
+        from distill.losses import kd_loss
+
+        self.student.train()
         t0 = time.perf_counter()
-        for x, y in dm.train_dataloader():
+        for x, y in self.dm.train_dataloader():
             with torch.no_grad():
-                t = teacher(x)
-            s = student(x)
+                t = self.teacher(x)
+            s = self.student(x)
             loss = F.cross_entropy(s, y) + kd_loss(s, t, 4.0)
-            opt.zero_grad(set_to_none=True)
+            self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-        times.append(time.perf_counter() - t0)
-    return times
+            self.opt.step()
+        return time.perf_counter() - t0
 
 
 def distill_epochs(dm: Any, teacher: Any, student: Any, example: Any, epochs: int,
-                   cache: bool = False) -> list[float]:
-    """distill's DistillationModule on Lightning's Trainer, timed per training epoch."""
+                   cache: bool = False, between: Any = None) -> list[float]:
+    """distill's DistillationModule on Lightning's Trainer, timed per training epoch.
+
+    ``between``, if given, is called after every timed epoch (outside the timed span).
+    """
     import pytorch_lightning as pl
 
     from distill.module import DistillationModule
@@ -113,6 +123,8 @@ def distill_epochs(dm: Any, teacher: Any, student: Any, example: Any, epochs: in
 
         def on_train_epoch_end(self, *_: Any) -> None:
             self.times.append(time.perf_counter() - self._t0)
+            if between is not None:
+                between()
 
     module = DistillationModule(student, teacher, 10, example,
                                 distill={"kd": {"weight": 1.0, "temperature": 4.0},
@@ -130,27 +142,22 @@ def section_overhead(quick: bool) -> dict[str, Any]:
 
     dm, teacher, student, example = _models(quick)
     n = len(dm.dataset("train"))
-    epochs, rounds = (2, 2) if quick else (3, 6)
-    ours, ref, ratios = [], [], []
-    # Paired rounds in alternating order (ABBA...), epoch 0 of every fit is warm-up; the
-    # figure is the median of the rounds' ratios, so a slow spell of this shared VM during one
-    # round cannot decide it.
-    for i in range(rounds):
-        runs = {}
-        for which in (("ref", "ours") if i % 2 == 0 else ("ours", "ref")):
-            if which == "ref":
-                runs[which] = hand_written_epochs(dm, teacher, copy.deepcopy(student), epochs)[1:]
-            else:
-                runs[which] = distill_epochs(dm, teacher, copy.deepcopy(student), example,
-                                             epochs)[1:]
-        ref += runs["ref"]
-        ours += runs["ours"]
-        ratios.append(statistics.median(runs["ref"]) / statistics.median(runs["ours"]))
-    r, o = n / statistics.median(ref), n / statistics.median(ours)
-    return {"samples": n, "hand_written_sps": round(r, 1), "distill_sps": round(o, 1),
+    epochs = 3 if quick else 16
+    # Epochs interleave: after every distill epoch (Lightning) one epoch of the hand-written
+    # loop runs, each on its own copy of the student; the figure is the median of the pairs'
+    # ratios, so a slow spell of this shared machine hits both sides of a pair, not one side.
+    ref = HandWrittenKD(dm, teacher, copy.deepcopy(student))
+    ref_times: list[float] = []
+    ours = distill_epochs(dm, teacher, copy.deepcopy(student), example, epochs,
+                          between=lambda: ref_times.append(ref.epoch()))
+    pairs = list(zip(ref_times[1:], ours[1:]))  # epoch 0 of each is warm-up
+    ratios = sorted(r / o for r, o in pairs)
+    return {"samples": n, "hand_written_sps": round(n / statistics.median(ref_times[1:]), 1),
+            "distill_sps": round(n / statistics.median(ours[1:]), 1),
             "ratio": round(statistics.median(ratios), 3),
-            "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3),
-            "rounds": rounds, "epochs_timed": len(ours)}
+            "ratio_q1": round(ratios[len(ratios) // 4], 3),
+            "ratio_q3": round(ratios[(3 * len(ratios)) // 4], 3),
+            "pairs": len(pairs)}
 
 
 def section_caching(quick: bool) -> dict[str, Any]:
@@ -268,8 +275,8 @@ def render_section(key: str, r: Any) -> list[str]:
         return _table(["loop", "samples/s"], [["hand-written PyTorch KD", r["hand_written_sps"]],
                                               ["distill (Lightning)", r["distill_sps"]],
                                               ["ratio distill / hand-written (median of "
-                                               f"{r['rounds']} paired rounds; range "
-                                               f"{r['ratio_min']}–{r['ratio_max']})",
+                                               f"{r['pairs']} interleaved epoch pairs; "
+                                               f"quartiles {r['ratio_q1']}–{r['ratio_q3']})",
                                                r["ratio"]]])
     if key == "b":
         return _table(["teacher outputs", "samples/s (epochs ≥ 1)", "whole run s"],
@@ -311,7 +318,8 @@ def render(results: dict[str, Any]) -> str:
     lines = [f"# distill benchmark{' (quick: numbers not meaningful)' if results['quick'] else ''}",
              "", f"Machine: {env['cpu']}, {env['cores']} cores; torch {env['torch']} "
              f"({env['torch_threads']} threads), ONNX Runtime {env['onnxruntime']}, Lightning "
-             f"{env['lightning']}. Total {results['seconds']:.0f} s.", ""]
+             f"{env['lightning']}; malloc {env['malloc']} (distill.perf). "
+             f"Total {results['seconds']:.0f} s.", ""]
     for key, sec in results["sections"].items():
         lines.append(f"## {key}. {sec['title']} ({sec['seconds']:.0f} s)")
         lines.append("")
@@ -333,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import torch
 
+    from distill.perf import tune_allocator
+
+    tune_allocator()  # as `distill train` does; it applies to both loops of section a
     torch.set_num_threads(int(os.environ.get("DISTILL_BENCH_THREADS", "0")) or
                           torch.get_num_threads())
     out = Path(args.out)

@@ -194,7 +194,7 @@ class QATConfig:
     freeze_observer_epoch: Optional[int] = None
     target: str = "onnxruntime"  # onnxruntime | tensorrt
     lr_scale: float = 0.1
-    float_fan_in_below: int = 16  # input convs with a smaller fan-in stay float (0: none)
+    float_fan_in_below: int = 0  # input convs with a smaller fan-in stay float (0: none)
 
 
 @dataclass

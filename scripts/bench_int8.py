@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     # the already-annealed LR instead). With 0.1 (3e-4 fresh AdamW) QAT lost 2 val samples.
     p.add_argument("--lr-scale", type=float, default=0.01)
     p.add_argument("--calib-batches", type=int, default=8)
-    p.add_argument("--float-fan-in", type=int, default=16,
+    p.add_argument("--float-fan-in", type=int, default=0,
                    help="input convs with a smaller fan-in stay float (0: none)")
     p.add_argument("--checkpoint", default=None, help="resnet_student state_dict or .ckpt")
     p.add_argument("--split", choices=("val", "test"), default="val")

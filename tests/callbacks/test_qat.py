@@ -231,4 +231,6 @@ def test_ptq_static_sets_the_exporter_at_start_epoch_without_touching_the_studen
     assert module.student is student and not is_prepared(student)
     assert module.feature_hooks_enabled
     info = module.exporter(module.student, tmp_path / "ptq.onnx", module.example_input)
-    assert info["mode"] == "ptq_static" and fused_op_report(info["path"])["int8_compute"] == 6
+    fused = fused_op_report(info["path"])  # 6 convs + the classifier, none left in float
+    assert info["mode"] == "ptq_static" and fused["int8_compute"] == 7
+    assert fused["float_compute"] == []

@@ -241,23 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _print(rows: dict, fq_acc: float, agreement: float, qat_info: dict,
-           args: argparse.Namespace) -> None:
-    print(f"\nresnet_student, digits 1x32x32, {args.split} split; ORT batch 1, "
-          f"{args.threads} thread(s), {args.iters} interleaved calls each\n")
-    print("| model | acc % | p50 ms | p99 ms | size MB | float Conv/Gemm | int8 ops |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, r in rows.items():
-        print(f"| {name} | {100 * r['accuracy']:.2f} | {r['p50']:.3f} | {r['p99']:.3f} | "
-              f"{r['size_mb']:.3f} | {r['float_compute']} | {r['int8_compute']} |")
+def acceptance(rows: dict, fq_acc: float, agreement: float) -> list[tuple[str, bool]]:
+    """The issue's INT8 acceptance checks on one run's rows: ``[(text, passed), ...]``."""
     ref_name = min(("ort static (S8S8 defaults)", "ort static (U8S8)"),
                    key=lambda k: rows[k]["p50"])
     ref, qat, fp32, ptq = rows[ref_name], rows["ours qat"], rows["fp32"], rows["ours ptq"]
-    print(f"\nfake-quant torch accuracy {100 * fq_acc:.2f}%, top-1 agreement with QAT ONNX "
-          f"{100 * agreement:.2f}%; QAT tensors from learned scales: "
-          f"{qat_info.get('qat_activations')} activations, {qat_info.get('qat_weights')} "
-          f"weights; calibrated: {qat_info.get('calibrated_activations')}")
-    checks = [
+    return [
         (f"QAT p50 / ORT static ({ref_name}) p50 = {qat['p50'] / ref['p50']:.2f} (<= 1.10)",
          qat["p50"] <= 1.10 * ref["p50"]),
         (f"QAT p99 / ORT static p99 = {qat['p99'] / ref['p99']:.2f} (<= 1.10)",
@@ -273,7 +262,25 @@ def _print(rows: dict, fq_acc: float, agreement: float, qat_info: dict,
          fp32["accuracy"] - qat["accuracy"] <= 0.005),
         (f"QAT ONNX - PTQ = {100 * (qat['accuracy'] - ptq['accuracy']):.2f} pts (>= 0)",
          qat["accuracy"] >= ptq["accuracy"]),
+        (f"QAT ONNX float Conv/Gemm left = {qat['float_compute']} (0)",
+         qat["float_compute"] == 0),
     ]
+
+
+def _print(rows: dict, fq_acc: float, agreement: float, qat_info: dict,
+           args: argparse.Namespace) -> None:
+    print(f"\nresnet_student, digits 1x32x32, {args.split} split; ORT batch 1, "
+          f"{args.threads} thread(s), {args.iters} interleaved calls each\n")
+    print("| model | acc % | p50 ms | p99 ms | size MB | float Conv/Gemm | int8 ops |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, r in rows.items():
+        print(f"| {name} | {100 * r['accuracy']:.2f} | {r['p50']:.3f} | {r['p99']:.3f} | "
+              f"{r['size_mb']:.3f} | {r['float_compute']} | {r['int8_compute']} |")
+    print(f"\nfake-quant torch accuracy {100 * fq_acc:.2f}%, top-1 agreement with QAT ONNX "
+          f"{100 * agreement:.2f}%; QAT tensors from learned scales: "
+          f"{qat_info.get('qat_activations')} activations, {qat_info.get('qat_weights')} "
+          f"weights; calibrated: {qat_info.get('calibrated_activations')}")
+    checks = acceptance(rows, fq_acc, agreement)
     print()
     for text, ok in checks:
         print(f"[{'PASS' if ok else 'FAIL'}] {text}")

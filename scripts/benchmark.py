@@ -313,6 +313,35 @@ def render_section(key: str, r: Any) -> list[str]:
     return ["```json", json.dumps(r, indent=1, default=str), "```", ""]
 
 
+def acceptance(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The goals of the issues, checked on this run: ``[{section, check, passed}, ...]``.
+
+    Speed goals are ratios measured side by side in this run, so they mean something only on
+    a full run (``--quick`` uses toy models: its verdicts are not meaningful).
+    """
+    got = {k: s["result"] for k, s in results["sections"].items() if "result" in s}
+    out: list[tuple[str, str, bool]] = []
+    if "a" in got:
+        r = got["a"]["ratio"]
+        out += [("a", f"distill / hand-written samples/s = {r} (>= 0.90; goal 0.95)", r >= 0.90)]
+    if "b" in got:
+        sp = got["b"]["speedup"]
+        out += [("b", f"teacher-output caching speed-up = {sp}x (> 1)", sp > 1.0)]
+    if "e" in got:
+        e = got["e"]
+        checks = _script("bench_int8").acceptance(e["rows"], e["fake_quant_accuracy"],
+                                                  e["qat_top1_agreement"])
+        out += [("e", text, ok) for text, ok in checks]
+    if "f" in got:
+        out += [("f", text, ok) for text, ok in _script("bench_pruning").acceptance(got["f"])]
+    if "g" in got:
+        g = got["g"]
+        out += [("g", f"digits_full delivers {g['student'].get('format')}, targets met: "
+                 f"{g['targets_met']}", bool(g["targets_met"])
+                 and g["student"].get("format") == "onnx-int8-qdq")]
+    return [{"section": k, "check": text, "passed": bool(ok)} for k, text, ok in out]
+
+
 def render(results: dict[str, Any]) -> str:
     env = results["environment"]
     lines = [f"# distill benchmark{' (quick: numbers not meaningful)' if results['quick'] else ''}",
@@ -330,6 +359,13 @@ def render(results: dict[str, Any]) -> str:
             lines += render_section(key, sec["result"])
         except (KeyError, TypeError, ValueError):  # a script changed its output: show it raw
             lines += ["```json", json.dumps(sec["result"], indent=1, default=str), "```", ""]
+    checks = results.get("acceptance") or []
+    if checks:
+        note = " (quick: toy models, verdicts not meaningful)" if results["quick"] else ""
+        lines += [f"## Acceptance{note}", ""]
+        lines += [f"- [{'PASS' if c['passed'] else 'FAIL'}] ({c['section']}) {c['check']}"
+                  for c in checks]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -364,6 +400,10 @@ def main(argv: list[str] | None = None) -> int:
             sec["seconds"] = round(time.perf_counter() - t0, 1)
             results["sections"][key] = sec
     results["seconds"] = round(time.perf_counter() - started, 1)
+    try:
+        results["acceptance"] = acceptance(results)
+    except (KeyError, TypeError, ValueError) as exc:  # a script changed its output
+        results["acceptance_error"] = f"{type(exc).__name__}: {exc}"
     from distill.io import atomic_write_json, atomic_write_text
 
     atomic_write_json(out / "benchmark.json", results)

@@ -40,3 +40,10 @@ def test_benchmark_quick_runs_every_section(tmp_path, monkeypatch):
     assert g["fp32_kept"]  # student_fp32.onnx beside the INT8 student
     md = (tmp_path / "out" / "benchmark.md").read_text()
     assert "## a. framework overhead" in md and "## g. end to end" in md
+    # every goal is checked in the run itself (verdicts of a quick run are not asserted)
+    checks = results["acceptance"]
+    assert {c["section"] for c in checks} == set("abefg")
+    assert all(isinstance(c["passed"], bool) and c["check"] for c in checks)
+    assert sum(c["section"] == "e" for c in checks) == 8  # bench_int8's own list
+    assert "## Acceptance (quick" in md and md.count("- [PASS]") + md.count("- [FAIL]") == len(
+        checks)

@@ -27,12 +27,17 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from distill.errors import UserError
 
 Schedule = Callable[[float], float]
+
+#: When a pruning callback steps its schedule: at every epoch start, or at every batch start
+#: on fractional epochs.
+GRANULARITIES = ("epoch", "batch")
 
 
 def _progress(t: float, start: float, end: float) -> float:
@@ -80,6 +85,27 @@ def check_sparsity(name: str, value: float) -> float:
     if not (0.0 <= value < 1.0) or math.isnan(value):
         raise UserError(f"'{name}' must be in [0, 1); got {value}")
     return value
+
+
+def check_granularity(granularity: str) -> str:
+    """``granularity`` if it is one of :data:`GRANULARITIES`, else ``UserError``."""
+    if granularity not in GRANULARITIES:
+        raise UserError(f"'granularity' must be one of {', '.join(GRANULARITIES)}; "
+                        f"got '{granularity}'")
+    return granularity
+
+
+def check_layer_list(ignore_layers: Sequence[str]) -> list[str]:
+    """``ignore_layers`` as a list; a bare string (one name, not a list) is a ``UserError``."""
+    if isinstance(ignore_layers, str):
+        raise UserError(f"'ignore_layers' must be a list of layer names; got '{ignore_layers}'")
+    return list(ignore_layers)
+
+
+def batch_step(trainer: Any, batch_idx: int) -> float:
+    """The schedule's step at a batch: the epoch plus the share of it already done."""
+    n = trainer.num_training_batches
+    return trainer.current_epoch + (batch_idx / n if n and n != float("inf") else 0.0)
 
 
 @dataclass(frozen=True)

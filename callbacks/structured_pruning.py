@@ -53,9 +53,14 @@ from distill.arch import (
 )
 from distill.errors import UserError
 
-from .schedules import check_sparsity, make_schedule
+from .schedules import (
+    batch_step,
+    check_granularity,
+    check_layer_list,
+    check_sparsity,
+    make_schedule,
+)
 
-GRANULARITIES = ("epoch", "batch")
 _MAX_CHANNEL_SPARSITY = 0.95  # upper end of the search for a MACs target
 _SEARCH_STEPS = 12
 _MACS_STEP = 0.01  # batch granularity with a MACs target: search once per point of MACs
@@ -154,13 +159,10 @@ class StructuredPruning(Callback):
         if importance not in IMPORTANCES:
             raise UserError(f"'importance' must be one of {', '.join(IMPORTANCES)}; "
                             f"got '{importance}'")
-        if granularity not in GRANULARITIES:
-            raise UserError(f"'granularity' must be one of {', '.join(GRANULARITIES)}; "
-                            f"got '{granularity}'")
+        check_granularity(granularity)
         if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
             raise UserError(f"'round_to' must be a positive integer or None; got {round_to!r}")
-        if isinstance(ignore_layers, str):
-            raise UserError(f"'ignore_layers' must be a list of layer names; got '{ignore_layers}'")
+        ignore_layers = check_layer_list(ignore_layers)
         final = target_sparsity
         if target_macs_reduction is not None:
             final = check_sparsity("target_macs_reduction", target_macs_reduction)
@@ -170,7 +172,7 @@ class StructuredPruning(Callback):
         self.importance = importance
         self.global_pruning = bool(global_pruning)
         self.round_to = round_to
-        self.ignore_layers = list(ignore_layers)
+        self.ignore_layers = ignore_layers
         self.granularity = granularity
         self.end_epoch = end_epoch
         self._last_batch: Any = None
@@ -354,9 +356,7 @@ class StructuredPruning(Callback):
         if self.importance == "taylor":
             self._last_batch = batch
         if self.granularity == "batch":
-            n = trainer.num_training_batches
-            fraction = batch_idx / n if n and n != float("inf") else 0.0
-            self._step(trainer, pl_module, trainer.current_epoch + fraction, batch)
+            self._step(trainer, pl_module, batch_step(trainer, batch_idx), batch)
 
     # ----- resume ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

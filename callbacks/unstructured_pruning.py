@@ -43,10 +43,9 @@ from torch.nn.utils import prune
 from distill.arch import fold_prune_masks, output_layer_name, resolve_layer_names
 from distill.errors import UserError
 
-from .schedules import make_schedule
+from .schedules import batch_step, check_granularity, check_layer_list, make_schedule
 
 PATTERNS = ("unstructured", "2:4")
-GRANULARITIES = ("epoch", "batch")
 
 
 def magnitude_masks(
@@ -150,19 +149,16 @@ class UnstructuredPruning(Callback):
     ) -> None:
         if pattern not in PATTERNS:
             raise UserError(f"'pattern' must be one of {', '.join(PATTERNS)}; got '{pattern}'")
-        if granularity not in GRANULARITIES:
-            raise UserError(f"'granularity' must be one of {', '.join(GRANULARITIES)}; "
-                            f"got '{granularity}'")
+        check_granularity(granularity)
         if pattern == "2:4" and target_sparsity > 0.5:
             raise UserError(f"'target_sparsity' must be <= 0.5 with pattern 2:4 (2 of every 4 "
                             f"weights are kept); got {target_sparsity}")
-        if isinstance(ignore_layers, str):
-            raise UserError(f"'ignore_layers' must be a list of layer names; got '{ignore_layers}'")
+        ignore_layers = check_layer_list(ignore_layers)
         self.schedule = make_schedule(schedule, initial_sparsity, target_sparsity, start_epoch,
                                       end_epoch)
         self.global_pruning = bool(global_pruning)
         self.pattern = pattern
-        self.ignore_layers = list(ignore_layers)
+        self.ignore_layers = ignore_layers
         self.granularity = granularity
         self.sparsity = 0.0  # the last scheduled value applied
         self.history: list[dict[str, Any]] = []
@@ -283,9 +279,7 @@ class UnstructuredPruning(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
         if self.granularity == "batch":
-            n = trainer.num_training_batches
-            fraction = batch_idx / n if n and n != float("inf") else 0.0
-            self._step(pl_module, trainer.current_epoch + fraction)
+            self._step(pl_module, batch_step(trainer, batch_idx))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:

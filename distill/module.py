@@ -81,6 +81,9 @@ class DistillationModule(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        # this epoch's batch-weighted sums of the training loss terms, logged at its end
+        self._train_sums: dict[str, torch.Tensor] = {}
+        self._train_count = 0
         if self.teacher is None and self._uses_teacher():
             raise ValueError("distillation terms have weight > 0 but no teacher was given")
         self._validate_layers()
@@ -208,8 +211,8 @@ class DistillationModule(pl.LightningModule):
         return total, terms, logits
 
     def on_train_epoch_start(self) -> None:
-        self._train_sums: dict[str, torch.Tensor] = {}
-        self._train_count = 0
+        self._train_sums, self._train_count = {}, 0  # nothing left from an interrupted epoch
+        self.train_acc.reset()
 
     def _log_this_step(self) -> bool:
         """Whether anything will read a per-step value: a progress bar, or a logger write."""
@@ -227,9 +230,7 @@ class DistillationModule(pl.LightningModule):
         self.train_acc.update(logits.detach(), y)
         # Epoch means accumulate as tensors here and are logged once, at the epoch's end: every
         # self.log call costs Lightning ~0.7 ms on the CPU (3.5 ms a step with four of them,
-        # measured by scripts/benchmark.py section a), a few percent of a small model's step.
-        if not hasattr(self, "_train_sums"):
-            self.on_train_epoch_start()
+        # profiled on a tiny model), a few percent of a small model's step.
         for name, value in (("loss", total), *terms.items()):
             weighted = value.detach() * bs
             prev = self._train_sums.get(name)
@@ -241,15 +242,12 @@ class DistillationModule(pl.LightningModule):
         return total
 
     def on_train_epoch_end(self) -> None:
-        count = getattr(self, "_train_count", 0)
-        if count:
+        if self._train_count:
             sync = self.trainer.world_size > 1
             for name, total in self._train_sums.items():
-                self.log(f"train/{name}", total / count, on_epoch=True, sync_dist=sync,
+                self.log(f"train/{name}", total / self._train_count, on_epoch=True, sync_dist=sync,
                          prog_bar=name == "loss")
             self.log("train/accuracy", self.train_acc.compute(), on_epoch=True, sync_dist=sync)
-            self.train_acc.reset()
-            self._train_sums, self._train_count = {}, 0
         cache = self.teacher_cache
         if cache is None or cache.frozen:
             return

@@ -19,6 +19,7 @@ can check that the whole pipeline runs; its numbers are not meaningful.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -33,6 +34,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 
 
+@functools.cache
 def _script(name: str) -> Any:
     spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
     assert spec and spec.loader
